@@ -1,0 +1,24 @@
+//! tether-proto: what the proxy and the agent share.
+//!
+//! - [`messages`]: the wire messages of protocol v1 (generated from `proto/tether.proto`).
+//! - [`frame`]: length-delimited message framing with a maximum frame size.
+//! - [`name`]: the Kubernetes rule for cluster names.
+//! - [`token`]: agent and client tokens signed by the proxy's Ed25519 key.
+//! - [`tls`]: TLS 1.3 configurations, certificate generation and PEM files.
+//! - [`transport`]: the Session/Transport layer: one multiplexed session between agent and
+//!   proxy, whatever carries it.
+//! - [`splice`]: copying bytes both ways between two streams, with counters.
+
+pub mod frame;
+pub mod messages;
+pub mod name;
+pub mod splice;
+pub mod tls;
+pub mod token;
+pub mod transport;
+
+/// Major version of the wire protocol this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// ALPN protocol id for agent sessions, over TLS and QUIC alike.
+pub const ALPN: &[u8] = b"tether/1";

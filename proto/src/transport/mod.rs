@@ -1,0 +1,289 @@
+//! The Session/Transport layer: one multiplexed session between an agent and the proxy.
+//!
+//! Everything above this module sees only three types:
+//!
+//! - [`SessionHandle`]: a cheap, cloneable handle to open streams, close the session, and see
+//!   whether it is still alive;
+//! - [`Incoming`]: the streams the peer opened, in order;
+//! - [`MuxStream`]: one bidirectional byte stream (tokio `AsyncRead + AsyncWrite`), with its
+//!   own flow control: a stream whose reader stops never delays another stream.
+//!
+//! How bytes travel is the business of a transport module: [`tls`] (TLS 1.3 over TCP, with
+//! yamux on top). A second transport (QUIC) plugs in by producing the same [`Session`]; the
+//! proxy and agent logic above does not change.
+//!
+//! Roles: the agent always dials, and opens the first stream (the control stream); the proxy
+//! opens one data stream per host request.
+//!
+//! Limits: each session admits at most [`SessionConfig::max_streams`] open streams, counted
+//! together in both directions. Opening one more fails with [`SessionError::StreamLimit`]
+//! (just that stream); a peer that opens one more gets it closed at once. The multiplexer's
+//! own limit sits above ours, so it never has to tear the whole connection down.
+
+pub mod tls;
+mod yamux;
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// Which end of the session this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The agent: dials out, opens the control stream.
+    Agent,
+    /// The proxy: accepts, opens data streams.
+    Proxy,
+}
+
+/// Limits and sizes of one session.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Open streams allowed at once, both directions together.
+    pub max_streams: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig { max_streams: 16_384 }
+    }
+}
+
+/// Why a session or stream operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("session is closed")]
+    Closed,
+    #[error("session has {limit} streams open, its limit; try again when some finish")]
+    StreamLimit { limit: usize },
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("TLS handshake with {peer}: {source}")]
+    Handshake { peer: String, source: io::Error },
+    #[error("{0}")]
+    Config(String),
+    #[error("multiplexer: {0}")]
+    Mux(String),
+}
+
+/// Facts about a session for status pages and logs.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// `tls+yamux`, `quic`, ...
+    pub transport: &'static str,
+    pub peer: SocketAddr,
+}
+
+/// A freshly established session: the handle to use it, and the streams the peer opens.
+pub struct Session {
+    pub handle: SessionHandle,
+    pub incoming: Incoming,
+}
+
+/// State shared by every handle of one session.
+struct Shared {
+    info: SessionInfo,
+    limit: Arc<Semaphore>,
+    max_streams: usize,
+    closed: CancellationToken,
+}
+
+/// A request from a handle to the driver to open an outbound stream.
+type OpenRequest = oneshot::Sender<Result<StreamInner, SessionError>>;
+
+/// Handle to a live session: open streams, close, watch for the end.
+#[derive(Clone)]
+pub struct SessionHandle {
+    shared: Arc<Shared>,
+    opener: mpsc::Sender<OpenRequest>,
+}
+
+impl std::fmt::Debug for SessionHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionHandle")
+            .field("info", &self.shared.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionHandle {
+    /// Opens a new stream to the peer.
+    pub async fn open_stream(&self) -> Result<MuxStream, SessionError> {
+        if self.is_closed() {
+            return Err(SessionError::Closed);
+        }
+        let permit = self
+            .shared
+            .limit
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| SessionError::StreamLimit {
+                limit: self.shared.max_streams,
+            })?;
+        let (tx, rx) = oneshot::channel();
+        self.opener.send(tx).await.map_err(|_| SessionError::Closed)?;
+        let inner = rx.await.map_err(|_| SessionError::Closed)??;
+        Ok(MuxStream {
+            inner,
+            _permit: permit,
+        })
+    }
+
+    /// Asks the session to close; streams end, [`closed`](Self::closed) resolves.
+    pub fn close(&self) {
+        self.shared.closed.cancel();
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.is_cancelled()
+    }
+
+    /// Resolves when the session has ended, for whatever reason.
+    pub async fn closed(&self) {
+        self.shared.closed.cancelled().await
+    }
+
+    /// Streams open right now, both directions.
+    pub fn open_streams(&self) -> usize {
+        self.shared.max_streams - self.shared.limit.available_permits()
+    }
+
+    pub fn info(&self) -> &SessionInfo {
+        &self.shared.info
+    }
+}
+
+/// The streams the peer opens, in the order it opened them.
+pub struct Incoming {
+    rx: mpsc::Receiver<MuxStream>,
+}
+
+impl Incoming {
+    /// The next stream the peer opened; `None` once the session has ended.
+    pub async fn accept(&mut self) -> Option<MuxStream> {
+        self.rx.recv().await
+    }
+}
+
+/// One bidirectional byte stream of a session.
+///
+/// Shutting down the write half sends end-of-stream to the peer (half-close); reading goes on
+/// until the peer does the same. Dropping the stream closes both halves.
+pub struct MuxStream {
+    inner: StreamInner,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The transport-specific stream inside a [`MuxStream`].
+enum StreamInner {
+    Yamux(tokio_util::compat::Compat<::yamux::Stream>),
+}
+
+impl std::fmt::Debug for MuxStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.inner {
+            StreamInner::Yamux(s) => write!(f, "MuxStream(yamux {})", s.get_ref().id()),
+        }
+    }
+}
+
+impl AsyncRead for MuxStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut self.inner {
+            StreamInner::Yamux(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for MuxStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.inner {
+            StreamInner::Yamux(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.inner {
+            StreamInner::Yamux(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.inner {
+            StreamInner::Yamux(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The pieces a transport's driver task works with, made by [`session_parts`].
+struct DriverParts {
+    open_rx: mpsc::Receiver<OpenRequest>,
+    incoming_tx: mpsc::Sender<MuxStream>,
+    limit: Arc<Semaphore>,
+    closed: CancellationToken,
+}
+
+impl DriverParts {
+    /// Hands a peer-opened stream to [`Incoming`], or closes it when over the limit or when
+    /// nobody accepts streams any more.
+    fn deliver(&self, inner: StreamInner) {
+        let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+            tracing::warn!("peer opened a stream beyond the session's limit; closing it");
+            return;
+        };
+        let stream = MuxStream {
+            inner,
+            _permit: permit,
+        };
+        if self.incoming_tx.try_send(stream).is_err() {
+            tracing::warn!("incoming stream queue is full or closed; closing the stream");
+        }
+    }
+}
+
+/// Builds the shared state, the user-facing [`Session`] and the driver's side of it.
+fn session_parts(info: SessionInfo, cfg: &SessionConfig) -> (Session, DriverParts) {
+    let limit = Arc::new(Semaphore::new(cfg.max_streams));
+    let closed = CancellationToken::new();
+    let (open_tx, open_rx) = mpsc::channel(1024);
+    // Every accepted stream holds a permit, so the queue never needs to exceed the limit.
+    let (incoming_tx, incoming_rx) = mpsc::channel(cfg.max_streams.max(1));
+    let shared = Arc::new(Shared {
+        info,
+        limit: limit.clone(),
+        max_streams: cfg.max_streams,
+        closed: closed.clone(),
+    });
+    let session = Session {
+        handle: SessionHandle {
+            shared,
+            opener: open_tx,
+        },
+        incoming: Incoming { rx: incoming_rx },
+    };
+    let parts = DriverParts {
+        open_rx,
+        incoming_tx,
+        limit,
+        closed,
+    };
+    (session, parts)
+}
+
+#[cfg(test)]
+mod tests;

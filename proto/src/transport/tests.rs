@@ -1,0 +1,250 @@
+//! Tests of the Session layer over real TLS on loopback.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::tls::{connect, TlsListener};
+use super::*;
+use crate::tls::{client_config, server_config, CertificateAuthority};
+
+/// A connected agent-side and proxy-side session pair over TLS on loopback.
+async fn pair(cfg: SessionConfig) -> (Session, Session) {
+    pair_with(cfg.clone(), cfg).await
+}
+
+/// As [`pair`], with different limits on each side.
+async fn pair_with(agent_cfg: SessionConfig, proxy_cfg: SessionConfig) -> (Session, Session) {
+    let ca = CertificateAuthority::generate("test").unwrap();
+    let leaf = ca
+        .issue_server(&["localhost".into()], Duration::from_secs(3600))
+        .unwrap();
+    let sc = server_config(&leaf.cert_pem, &leaf.key_pem, &[crate::ALPN], None).unwrap();
+    let cc = client_config(ca.cert_pem(), &[crate::ALPN], None).unwrap();
+    let listener = TlsListener::bind("127.0.0.1:0", Arc::new(sc)).await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let accept = tokio::spawn(async move {
+        let (tcp, peer) = listener.accept().await.unwrap();
+        listener
+            .handshaker()
+            .handshake(tcp, peer, &proxy_cfg)
+            .await
+            .unwrap()
+    });
+    let agent = connect(&addr, "localhost", Arc::new(cc), &agent_cfg).await.unwrap();
+    let proxy = accept.await.unwrap();
+    (agent, proxy)
+}
+
+/// Echoes every stream the session accepts.
+fn echo_server(mut incoming: Incoming) {
+    tokio::spawn(async move {
+        while let Some(s) = incoming.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(s);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+}
+
+#[tokio::test]
+async fn streams_both_ways_with_half_close() {
+    let (agent, proxy) = pair(SessionConfig::default()).await;
+    echo_server(agent.incoming);
+    // The proxy opens, writes, half-closes, and reads the echo to the end.
+    let mut s = proxy.handle.open_stream().await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"ping");
+    // And the agent can open towards the proxy (the control stream direction).
+    echo_server(proxy.incoming);
+    let mut s = agent.handle.open_stream().await.unwrap();
+    s.write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hello");
+    assert_eq!(agent.handle.info().transport, "tls+yamux");
+}
+
+#[tokio::test]
+async fn stream_limit_refuses_one_stream_not_the_session() {
+    let (agent, proxy) = pair(SessionConfig { max_streams: 4 }).await;
+    echo_server(agent.incoming);
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        open.push(proxy.handle.open_stream().await.unwrap());
+    }
+    let err = proxy.handle.open_stream().await.unwrap_err();
+    assert!(matches!(err, SessionError::StreamLimit { limit: 4 }), "{err}");
+    assert_eq!(proxy.handle.open_streams(), 4);
+    // Existing streams still work, and closing one frees a place.
+    let mut s = open.pop().unwrap();
+    s.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    drop(s);
+    let mut s = proxy.handle.open_stream().await.unwrap();
+    s.write_all(b"y").await.unwrap();
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"y");
+    assert!(!proxy.handle.is_closed());
+}
+
+#[tokio::test]
+async fn peer_beyond_our_limit_gets_its_stream_closed_only() {
+    let (agent, proxy) =
+        pair_with(SessionConfig { max_streams: 2 }, SessionConfig { max_streams: 10 }).await;
+    let mut incoming = agent.incoming;
+    let mut held = Vec::new();
+    let mut opened = Vec::new();
+    for i in 0..2u8 {
+        let mut s = proxy.handle.open_stream().await.unwrap();
+        s.write_all(&[i]).await.unwrap();
+        opened.push(s);
+        held.push(incoming.accept().await.unwrap());
+    }
+    // The third is over the agent's limit: the agent closes it, and only it.
+    let mut third = proxy.handle.open_stream().await.unwrap();
+    third.write_all(b"3").await.unwrap();
+    let mut buf = [0u8; 1];
+    let end = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("the refused stream ends promptly");
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
+    // The session and the first streams are unaffected.
+    held[0].write_all(b"ok").await.unwrap();
+    let mut two = [0u8; 2];
+    opened[0].read_exact(&mut two).await.unwrap();
+    assert_eq!(&two, b"ok");
+    assert!(!agent.handle.is_closed() && !proxy.handle.is_closed());
+}
+
+#[tokio::test]
+async fn close_ends_streams_and_incoming() {
+    let (mut agent, proxy) = pair(SessionConfig::default()).await;
+    let mut s = proxy.handle.open_stream().await.unwrap();
+    s.write_all(b"x").await.unwrap();
+    let _accepted = agent.incoming.accept().await.unwrap();
+    proxy.handle.close();
+    tokio::time::timeout(Duration::from_secs(5), agent.handle.closed())
+        .await
+        .expect("agent sees the session end");
+    assert!(agent.incoming.accept().await.is_none());
+    assert!(matches!(
+        proxy.handle.open_stream().await,
+        Err(SessionError::Closed)
+    ));
+}
+
+/// A stream whose reader stops must not delay another stream on the same session.
+#[tokio::test]
+async fn slow_reader_does_not_stall_other_streams() {
+    let (mut agent, proxy) = pair(SessionConfig::default()).await;
+    // Stream 1: the agent never reads it; the proxy writes until it blocks.
+    let mut stuck = proxy.handle.open_stream().await.unwrap();
+    stuck.write_all(b"s").await.unwrap();
+    let _stuck_peer = agent.incoming.accept().await.unwrap();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![0u8; 64 * 1024];
+        let mut sent = 0usize;
+        // Bounded: stops by itself after 64 MiB or when blocked (the timeout below).
+        while sent < 64 << 20 {
+            match tokio::time::timeout(Duration::from_secs(1), stuck.write_all(&chunk)).await {
+                Ok(Ok(())) => sent += chunk.len(),
+                _ => break,
+            }
+        }
+        sent
+    });
+    // Stream 2: 32 MiB must flow while stream 1 is stuck.
+    let mut bulk = proxy.handle.open_stream().await.unwrap();
+    bulk.write_all(b"b").await.unwrap();
+    let mut bulk_peer = agent.incoming.accept().await.unwrap();
+    let total = 32usize << 20;
+    let send = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 * 1024];
+        for _ in 0..total / chunk.len() {
+            bulk.write_all(&chunk).await.unwrap();
+        }
+        bulk.shutdown().await.unwrap();
+    });
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    let recv = async {
+        loop {
+            let n = bulk_peer.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), recv)
+        .await
+        .expect("bulk stream completes while the other stream is stuck");
+    assert_eq!(got, total + 1);
+    send.await.unwrap();
+    let sent_stuck = writer.await.unwrap();
+    assert!(
+        sent_stuck < 64 << 20,
+        "the stuck stream should have been held back by its window, sent {sent_stuck}"
+    );
+}
+
+/// Both peers push bulk data at once on several streams (the yamux #227 pattern).
+#[tokio::test]
+async fn simultaneous_bidirectional_bulk_on_several_streams() {
+    let (mut agent, proxy) = pair(SessionConfig::default()).await;
+    const STREAMS: usize = 4;
+    const BYTES: usize = 16 << 20;
+    let mut tasks = Vec::new();
+    for i in 0..STREAMS {
+        let mut ours = proxy.handle.open_stream().await.unwrap();
+        ours.write_all(&[i as u8]).await.unwrap();
+        let mut theirs = agent.incoming.accept().await.unwrap();
+        let mut first = [0u8; 1];
+        theirs.read_exact(&mut first).await.unwrap();
+        for s in [ours, theirs] {
+            tasks.push(tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(s);
+                let write = async {
+                    let chunk = vec![0x5au8; 32 * 1024];
+                    for _ in 0..BYTES / chunk.len() {
+                        w.write_all(&chunk).await?;
+                    }
+                    w.shutdown().await
+                };
+                let read = async {
+                    let mut n = 0usize;
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let k = r.read(&mut buf).await?;
+                        if k == 0 {
+                            return Ok::<_, std::io::Error>(n);
+                        }
+                        n += k;
+                    }
+                };
+                let (w, r) = tokio::join!(write, read);
+                w.unwrap();
+                r.unwrap()
+            }));
+        }
+    }
+    let all = async {
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    };
+    let received = tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("no stall with bulk in both directions");
+    assert!(received.iter().all(|&n| n == BYTES), "{received:?}");
+}

@@ -1,0 +1,117 @@
+//! yamux as the stream multiplexer on a byte stream (TLS over TCP).
+//!
+//! The `yamux` crate has hazards this module exists to handle:
+//!
+//! - its `Connection` makes progress only while somebody polls it, so one driver task owns
+//!   it and never stops polling inbound streams, while also serving open requests from
+//!   [`SessionHandle`](super::SessionHandle)s;
+//! - it writes each frame's 12-byte header and its body as two writes, which over TLS means
+//!   two records; a write buffer under it coalesces them (it flushes after each batch);
+//! - exceeding its `max_num_streams` terminates the *whole* connection, so its limit is set
+//!   well above the session's own limit, which refuses just the one stream;
+//! - its setters assert `window >= 256 KiB × max_num_streams` and panic otherwise, so the
+//!   connection window is derived from the stream count here, never set independently.
+
+use std::future::{poll_fn, Future};
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, AsyncWrite, BufWriter};
+use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+use tracing::debug;
+
+use super::{session_parts, DriverParts, Role, Session, SessionConfig, SessionError, SessionInfo, StreamInner};
+
+/// Write buffer under yamux: large enough to coalesce a frame header with a full 16 KiB body.
+const WRITE_BUFFER: usize = 64 * 1024;
+/// yamux's default per-stream window.
+const YAMUX_DEFAULT_WINDOW: usize = 256 * 1024;
+/// Headroom between our stream limit and yamux's, which would kill the connection.
+const YAMUX_STREAM_HEADROOM: usize = 256;
+
+/// The yamux configuration for a session with `cfg`'s limits.
+fn yamux_config(cfg: &SessionConfig) -> ::yamux::Config {
+    let max_num_streams = cfg.max_streams + YAMUX_STREAM_HEADROOM;
+    let mut c = ::yamux::Config::default();
+    // Each setter asserts the window against the *current* stream count: lift the window
+    // first, then set the count, then bound the window by the count, so no assertion fires
+    // whatever the numbers are.
+    c.set_max_connection_receive_window(None);
+    c.set_max_num_streams(max_num_streams);
+    c.set_max_connection_receive_window(Some(max_num_streams * YAMUX_DEFAULT_WINDOW));
+    c
+}
+
+/// Runs yamux over `io` and returns the session; a driver task owns the connection.
+pub(crate) fn start<T>(io: T, role: Role, info: SessionInfo, cfg: &SessionConfig) -> Session
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let mode = match role {
+        Role::Agent => ::yamux::Mode::Client,
+        Role::Proxy => ::yamux::Mode::Server,
+    };
+    let io = BufWriter::with_capacity(WRITE_BUFFER, io).compat();
+    let conn = ::yamux::Connection::new(io, yamux_config(cfg), mode);
+    let (session, parts) = session_parts(info, cfg);
+    tokio::spawn(drive(conn, parts));
+    session
+}
+
+/// The driver: polls the connection for inbound streams and I/O, serves open requests, and
+/// closes the connection when asked. Marks the session closed when it ends.
+async fn drive<T>(mut conn: ::yamux::Connection<T>, mut parts: DriverParts)
+where
+    T: futures::AsyncRead + futures::AsyncWrite + Unpin,
+{
+    let mut pending: std::collections::VecDeque<super::OpenRequest> = Default::default();
+    // Kept across polls so that a close() from a handle wakes the driver.
+    let cancelled = parts.closed.clone().cancelled_owned();
+    tokio::pin!(cancelled);
+    let result: Result<(), String> = poll_fn(|cx| {
+        if cancelled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(()));
+        }
+        // New open requests from handles.
+        loop {
+            match parts.open_rx.poll_recv(cx) {
+                Poll::Ready(Some(req)) => pending.push_back(req),
+                // Every handle is gone: nobody can open streams or close the session, so
+                // end it once nobody accepts streams either.
+                Poll::Ready(None) if parts.incoming_tx.is_closed() => return Poll::Ready(Ok(())),
+                Poll::Ready(None) | Poll::Pending => break,
+            }
+        }
+        // Serve open requests in order.
+        while !pending.is_empty() {
+            match conn.poll_new_outbound(cx) {
+                Poll::Ready(Ok(stream)) => {
+                    let req = pending.pop_front().expect("not empty");
+                    // A requester that gave up drops the stream, which closes it.
+                    let _ = req.send(Ok(StreamInner::Yamux(stream.compat())));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_string())),
+                Poll::Pending => break,
+            }
+        }
+        // Inbound streams; this also drives all reading and writing of the connection.
+        loop {
+            match conn.poll_next_inbound(cx) {
+                Poll::Ready(Some(Ok(stream))) => parts.deliver(StreamInner::Yamux(stream.compat())),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.to_string())),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await;
+    if let Err(e) = &result {
+        debug!(error = %e, "yamux connection ended with an error");
+    }
+    for req in pending.drain(..) {
+        let _ = req.send(Err(SessionError::Closed));
+    }
+    parts.closed.cancel();
+    // Say goodbye politely, but never wait long for a peer that is gone.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), poll_fn(|cx| conn.poll_close(cx))).await;
+    parts.open_rx.close();
+}
