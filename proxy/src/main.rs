@@ -1,1 +1,188 @@
-fn main(){}
+//! The `tether-proxy` command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use tether_proto::token::Claims;
+use tether_proxy::serve::{self, REVOKED};
+use tether_proxy::settings::{ServeArgs, DEFAULT_ADMIN_ADDR, DEFAULT_STATE_DIR};
+use tether_proxy::state::StateDir;
+
+/// tether-proxy: the host side of tether, a reverse tunnel to member clusters' API servers.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log format: text or json.
+    #[arg(long, env = "TETHER_LOG_FORMAT", default_value = "text", global = true)]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve(ServeArgs),
+    /// Create the state dir (CA, serving certificate, signing key) without serving.
+    Init {
+        #[arg(long, env = "TETHER_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Extra names for the serving certificate (the publish address host).
+        #[arg(long = "name")]
+        names: Vec<String>,
+    },
+    /// Mint or revoke tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Show every cluster's status from a running proxy.
+    Clusters {
+        #[arg(long, env = "TETHER_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+        admin_addr: String,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print an agent token for one cluster.
+    Agent {
+        #[arg(long, env = "TETHER_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        cluster: String,
+        /// Lifetime, e.g. 720h; no expiry when omitted.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Print a client token for callers on the front.
+    Client {
+        #[arg(long, env = "TETHER_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        user: String,
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// Cluster name patterns the token may reach, comma-separated; `*` matches any run.
+        #[arg(long, value_delimiter = ',', required = true)]
+        clusters: Vec<String>,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Revoke a token by its id (the `jti` claim); a running proxy picks it up on SIGHUP.
+    Revoke {
+        #[arg(long, env = "TETHER_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        id: String,
+    },
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    match cli.command {
+        Command::Serve(args) => {
+            let settings = args.resolve()?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(serve::run(settings))
+        }
+        Command::Init { state_dir, mut names } => {
+            names.extend(["localhost".into(), "127.0.0.1".into(), "::1".into()]);
+            StateDir::open(&state_dir, &names)?;
+            println!("state dir {} is ready", state_dir.display());
+            Ok(())
+        }
+        Command::Token(TokenCommand::Agent { state_dir, cluster, ttl }) => {
+            let key = StateDir::signing_key(&state_dir)?;
+            println!("{}", key.mint(&Claims::agent(&cluster, ttl)?));
+            Ok(())
+        }
+        Command::Token(TokenCommand::Client {
+            state_dir,
+            user,
+            groups,
+            clusters,
+            ttl,
+        }) => {
+            let key = StateDir::signing_key(&state_dir)?;
+            println!("{}", key.mint(&Claims::client(&user, groups, clusters, ttl)?));
+            Ok(())
+        }
+        Command::Token(TokenCommand::Revoke { state_dir, id }) => {
+            let path = state_dir.join(REVOKED);
+            let mut set = serve::load_revoked(&state_dir)?;
+            set.insert(id.clone());
+            let mut ids: Vec<_> = set.into_iter().collect();
+            ids.sort();
+            tether_proto::tls::write_private_file(&path, (ids.join("\n") + "\n").as_bytes())?;
+            println!(
+                "revoked {id}; send SIGHUP to running proxies (or restart them) to apply it"
+            );
+            Ok(())
+        }
+        Command::Clusters { admin_addr, json } => clusters(&admin_addr, json),
+    }
+}
+
+/// `tether-proxy clusters`: fetches `/api/v1/clusters` and prints a table.
+fn clusters(admin_addr: &str, json: bool) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(admin_addr)
+        .with_context(|| format!("connecting to the proxy's admin address {admin_addr} (is the proxy running? set --admin-addr)"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(conn, "GET /api/v1/clusters HTTP/1.1\r\nHost: {admin_addr}\r\nConnection: close\r\n\r\n")?;
+    let mut resp = Vec::new();
+    conn.take(16 << 20).read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).context("malformed admin response")?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let list: Vec<serde_json::Value> = serde_json::from_str(body).context("parsing /api/v1/clusters")?;
+    println!(
+        "{:<24} {:>6} {:<10} {:<22} {:>9} {:>8} {:>12} {:>12}",
+        "NAME", "AGENTS", "TRANSPORT", "SINCE", "RTT", "STREAMS", "BYTES-IN", "BYTES-OUT"
+    );
+    for c in list {
+        let connected = c["connected"].as_bool().unwrap_or(false);
+        let since = if connected {
+            format!("up {}", c["connectedSince"].as_str().unwrap_or("-"))
+        } else {
+            format!("down {}", c["disconnectedSince"].as_str().unwrap_or("-"))
+        };
+        let transports: Vec<&str> = c["transports"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|t| t.as_str()).collect())
+            .unwrap_or_default();
+        println!(
+            "{:<24} {:>6} {:<10} {:<22} {:>7}µs {:>8} {:>12} {:>12}",
+            c["name"].as_str().unwrap_or("?"),
+            c["agents"],
+            if transports.is_empty() { "-".into() } else { transports.join(",") },
+            since,
+            c["rttMicros"],
+            c["openStreams"],
+            c["bytesIn"],
+            c["bytesOut"],
+        );
+    }
+    Ok(())
+}

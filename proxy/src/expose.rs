@@ -1,0 +1,86 @@
+//! Per-cluster TCP listeners (`--expose NAME=HOST:PORT`): every connection is spliced, as raw
+//! bytes, to that cluster's API server through the tunnel.
+//!
+//! This is the per-cluster endpoint that tower-based setups expect, for clients that cannot
+//! use CONNECT. No credential is added and TLS stays end to end with the member; whoever can
+//! reach the port still needs the member's own credentials.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use tether_proto::messages::Target;
+
+use crate::registry::SessionRegistry;
+
+/// A parsed `NAME=HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Expose {
+    pub cluster: String,
+    pub addr: String,
+}
+
+impl std::str::FromStr for Expose {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (cluster, addr) = s
+            .split_once('=')
+            .ok_or_else(|| format!("--expose {s:?}: expected NAME=HOST:PORT"))?;
+        tether_proto::name::validate_cluster_name(cluster)?;
+        if !addr.contains(':') {
+            return Err(format!("--expose {s:?}: expected NAME=HOST:PORT"));
+        }
+        Ok(Expose {
+            cluster: cluster.into(),
+            addr: addr.into(),
+        })
+    }
+}
+
+/// Accepts on `listener` and splices each connection to `cluster`'s API server.
+pub async fn serve(listener: TcpListener, cluster: String, registry: Arc<SessionRegistry>, shutdown: CancellationToken) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, %cluster, "accepting on exposed listener failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (registry, cluster) = (registry.clone(), cluster.clone());
+        tokio::spawn(async move {
+            let request_id = tether_proto::token::random_id();
+            match registry.open(&cluster, Target::api_server(), &request_id).await {
+                Ok(tunnel) => {
+                    let _ = tunnel.splice_with(tcp).await;
+                }
+                // Bytes only: there is no protocol to put the reason in, so it goes to the log.
+                Err(e) => info!(%peer, %cluster, request_id = %request_id, error = %e, "exposed connection closed"),
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses() {
+        let e: Expose = "a=127.0.0.1:7000".parse().unwrap();
+        assert_eq!(e.cluster, "a");
+        assert_eq!(e.addr, "127.0.0.1:7000");
+        assert!("a".parse::<Expose>().is_err());
+        assert!("A=1:2".parse::<Expose>().is_err());
+        assert!("a=nope".parse::<Expose>().is_err());
+    }
+}

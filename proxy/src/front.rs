@@ -1,0 +1,208 @@
+//! The front: the HTTPS port host-side callers use.
+//!
+//! - `CONNECT {cluster}:443` opens a raw byte stream to that cluster's API server (TLS stays
+//!   end to end between the caller and the member). Answers: 407 without or with bad
+//!   credentials, 403 for a cluster the token does not cover, 404 for a cluster never seen,
+//!   503 when no agent is connected, 502 when the agent could not reach its target, each with
+//!   a one-line reason.
+//! - Any other request gets a 404 naming what the front serves.
+//!
+//! Limits: connections are capped, TLS handshakes and request headers must arrive in time,
+//! and header size is bounded.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use tether_proto::messages::{StreamRejectCode, Target};
+use tether_proto::token::TokenVerifier;
+
+use crate::callers::authenticate;
+use crate::registry::{OpenError, SessionRegistry};
+
+/// Most front connections open at once; more wait in the kernel's backlog.
+pub const MAX_FRONT_CONNECTIONS: usize = 16_384;
+/// Time for a caller to complete TLS and send request headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest request head accepted.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// What the front needs from the rest of the proxy.
+#[derive(Clone)]
+pub struct Front {
+    pub registry: Arc<SessionRegistry>,
+    pub verifier: Arc<std::sync::RwLock<TokenVerifier>>,
+}
+
+/// Serves the front on `listener` with TLS until `shutdown`.
+pub async fn serve(listener: TcpListener, tls: TlsAcceptor, front: Front, shutdown: CancellationToken) {
+    let limit = Arc::new(Semaphore::new(MAX_FRONT_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = shutdown.cancelled() => return,
+        };
+        let (tcp, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accepting front connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (tls, front) = (tls.clone(), front.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let stream = match tokio::time::timeout(HEADER_TIMEOUT, tls.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    info!(%peer, error = %e, "front TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    info!(%peer, "front TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = hyper::service::service_fn(move |req| {
+                let front = front.clone();
+                async move { Ok::<_, Infallible>(front.handle(req, peer).await) }
+            });
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEADER_BYTES);
+            builder.http2().max_header_list_size(MAX_HEADER_BYTES as u32);
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "front connection ended with an error");
+            }
+        });
+    }
+}
+
+type Body = Full<Bytes>;
+
+impl Front {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        if req.method() == Method::CONNECT {
+            return self.connect(req, peer).await;
+        }
+        text(
+            StatusCode::NOT_FOUND,
+            "this port serves CONNECT {cluster}:443 (with a client token in Proxy-Authorization)",
+        )
+    }
+
+    /// `CONNECT {cluster}:443`: authenticate, authorize, open a tunnel stream, then splice.
+    async fn connect(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let Some(authority) = req.uri().authority().cloned() else {
+            return text(StatusCode::BAD_REQUEST, "CONNECT needs a target of the form {cluster}:443");
+        };
+        let cluster = authority.host().to_string();
+        if authority.port_u16().unwrap_or(443) != 443 {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "CONNECT reaches a cluster's API server at {cluster}:443; other ports are not served",
+            );
+        }
+        let header = req
+            .headers()
+            .get(http::header::PROXY_AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let caller = {
+            let verifier = self.verifier.read().expect("verifier lock");
+            authenticate(&verifier, header)
+        };
+        let caller = match caller {
+            Ok(c) => c,
+            Err(e) => {
+                self.registry.metrics().caller_auth_failure(e.label());
+                info!(%peer, %cluster, reason = %e, "CONNECT refused: not authenticated");
+                let mut resp = text(StatusCode::PROXY_AUTHENTICATION_REQUIRED, &e.to_string());
+                resp.headers_mut().insert(
+                    http::header::PROXY_AUTHENTICATE,
+                    http::HeaderValue::from_static("Basic realm=\"tether\""),
+                );
+                return resp;
+            }
+        };
+        if !caller.may_reach(&cluster) {
+            self.registry.metrics().caller_auth_failure("cluster_not_allowed");
+            info!(%peer, %cluster, user = %caller.user, "CONNECT refused: cluster not covered by token");
+            return text(
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "user {:?} may not reach cluster {cluster:?} (token covers: {})",
+                    caller.user,
+                    caller.clusters.join(",")
+                ),
+            );
+        }
+        let request_id = tether_proto::token::random_id();
+        let tunnel = match self.registry.open(&cluster, Target::api_server(), &request_id).await {
+            Ok(t) => t,
+            Err(e) => {
+                info!(%peer, %cluster, user = %caller.user, request_id = %request_id, error = %e, "CONNECT failed");
+                return text(open_error_status(&e), &e.to_string());
+            }
+        };
+        let user = caller.user.clone();
+        tokio::spawn(async move {
+            match hyper::upgrade::on(&mut req).await {
+                Ok(upgraded) => {
+                    let result = tunnel.splice_with(TokioIo::new(upgraded)).await;
+                    tracing::debug!(%cluster, %user, request_id = %request_id, ?result, "CONNECT stream ended");
+                }
+                Err(e) => info!(%peer, error = %e, "CONNECT upgrade failed"),
+            }
+        });
+        Response::new(Full::new(Bytes::new()))
+    }
+}
+
+/// The HTTP status for a failure to open a tunnel stream.
+pub fn open_error_status(e: &OpenError) -> StatusCode {
+    match e {
+        OpenError::UnknownCluster { .. } => StatusCode::NOT_FOUND,
+        OpenError::NoAgent { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        OpenError::Rejected { code, .. } => match code {
+            StreamRejectCode::NotAllowed => StatusCode::FORBIDDEN,
+            StreamRejectCode::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_GATEWAY,
+        },
+        OpenError::Session { .. } | OpenError::Protocol { .. } => StatusCode::BAD_GATEWAY,
+        OpenError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+    }
+}
+
+/// A short plain-text response: one line, the reason.
+fn text(status: StatusCode, msg: &str) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(format!("{msg}\n"))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

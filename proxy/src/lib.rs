@@ -1,0 +1,22 @@
+//! tether-proxy: the host-side end of the tunnel.
+//!
+//! - [`agents`]: the agent listener (Hello, Welcome/Reject, heartbeats);
+//! - [`registry`]: connected agents per cluster, and opening streams through them;
+//! - [`front`]: the HTTPS port for callers (CONNECT);
+//! - [`callers`]: caller authentication and per-cluster authorization;
+//! - [`expose`]: per-cluster plain TCP listeners;
+//! - [`admin`]: health, readiness, status, metrics;
+//! - [`state`]: the state dir (CA, certificates, signing key, cluster UIDs);
+//! - [`settings`]: flags, environment and config file;
+//! - [`serve`]: wiring it together, and graceful shutdown.
+
+pub mod admin;
+pub mod agents;
+pub mod callers;
+pub mod expose;
+pub mod front;
+pub mod metrics;
+pub mod registry;
+pub mod serve;
+pub mod settings;
+pub mod state;

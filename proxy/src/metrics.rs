@@ -1,0 +1,145 @@
+//! Prometheus metrics of the proxy, served on the admin port at `/metrics`.
+//!
+//! Names are prefixed `tether_`. Labels are small, bounded sets: cluster names (bounded by the
+//! clusters an operator added), results and reasons (fixed words).
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+fn label(k: &str, v: &str) -> Labels {
+    vec![(k.to_string(), v.to_string())]
+}
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    registry: Registry,
+    agents_connected: Family<Labels, Gauge>,
+    session_transitions: Family<Labels, Counter>,
+    stream_opens: Family<Labels, Counter>,
+    streams_open: Gauge,
+    bytes: Family<Labels, Counter>,
+    agent_auth_failures: Family<Labels, Counter>,
+    caller_auth_failures: Family<Labels, Counter>,
+    heartbeat_rtt: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tether");
+        let m = Metrics {
+            agents_connected: Family::default(),
+            session_transitions: Family::default(),
+            stream_opens: Family::default(),
+            streams_open: Gauge::default(),
+            bytes: Family::default(),
+            agent_auth_failures: Family::default(),
+            caller_auth_failures: Family::default(),
+            // 50 µs .. ~1.6 s
+            heartbeat_rtt: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "agents_connected",
+            "Agent sessions connected, per cluster",
+            m.agents_connected.clone(),
+        );
+        registry.register(
+            "session_transitions",
+            "Agent sessions going up or down, per cluster",
+            m.session_transitions.clone(),
+        );
+        registry.register(
+            "stream_opens",
+            "Tunnel streams opened, by result",
+            m.stream_opens.clone(),
+        );
+        registry.register("streams_open", "Tunnel streams open now", m.streams_open.clone());
+        registry.register(
+            "tunnel_bytes",
+            "Bytes through tunnel streams, by direction (to_agent, from_agent)",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "agent_auth_failures",
+            "Agents refused at Hello, by reason",
+            m.agent_auth_failures.clone(),
+        );
+        registry.register(
+            "caller_auth_failures",
+            "Callers refused on the front, by reason",
+            m.caller_auth_failures.clone(),
+        );
+        registry.register(
+            "heartbeat_rtt_seconds",
+            "Round trip of control-stream heartbeats",
+            m.heartbeat_rtt.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn session_up(&self, cluster: &str) {
+        self.agents_connected.get_or_create(&label("cluster", cluster)).inc();
+        self.session_transitions
+            .get_or_create(&vec![
+                ("cluster".into(), cluster.into()),
+                ("state".into(), "up".into()),
+            ])
+            .inc();
+    }
+
+    pub fn session_down(&self, cluster: &str) {
+        self.agents_connected.get_or_create(&label("cluster", cluster)).dec();
+        self.session_transitions
+            .get_or_create(&vec![
+                ("cluster".into(), cluster.into()),
+                ("state".into(), "down".into()),
+            ])
+            .inc();
+    }
+
+    /// Counts a stream open attempt by result (`ok`, `no_agent`, `rejected`, ...).
+    pub fn stream_open(&self, result: &str) {
+        self.stream_opens.get_or_create(&label("result", result)).inc();
+    }
+
+    /// The gauge of open streams (inc on open, dec on close).
+    pub fn streams_open(&self) -> &Gauge {
+        &self.streams_open
+    }
+
+    pub fn bytes(&self, to_agent: u64, from_agent: u64) {
+        self.bytes.get_or_create(&label("direction", "to_agent")).inc_by(to_agent);
+        self.bytes.get_or_create(&label("direction", "from_agent")).inc_by(from_agent);
+    }
+
+    pub fn agent_auth_failure(&self, reason: &str) {
+        self.agent_auth_failures.get_or_create(&label("reason", reason)).inc();
+    }
+
+    pub fn caller_auth_failure(&self, reason: &str) {
+        self.caller_auth_failures.get_or_create(&label("reason", reason)).inc();
+    }
+
+    pub fn heartbeat_rtt(&self, micros: u64) {
+        self.heartbeat_rtt.observe(micros as f64 / 1e6);
+    }
+
+    /// The text exposition (OpenMetrics, which Prometheus reads).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,276 @@
+//! Settings of `tether-proxy serve`: flags, their `TETHER_…` environment twins, and the
+//! optional YAML config file, merged in that order of precedence (flag, env, file, default).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Deserialize;
+
+use crate::expose::Expose;
+
+pub const DEFAULT_STATE_DIR: &str = "tether-state";
+pub const DEFAULT_AGENT_ADDR: &str = "0.0.0.0:8443";
+pub const DEFAULT_FRONT_ADDR: &str = "0.0.0.0:9443";
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9090";
+
+/// Flags of `tether-proxy serve`. Every one is optional: a missing flag falls back to its
+/// environment variable, then to the config file, then to the default.
+#[derive(Debug, Args, Default)]
+pub struct ServeArgs {
+    /// YAML config file whose keys mirror these flags (camelCase: stateDir, agentAddr, ...).
+    #[arg(long, env = "TETHER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory holding the CA, serving certificate and signing key [default: tether-state].
+    #[arg(long, env = "TETHER_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Where agents connect (TLS) [default: 0.0.0.0:8443].
+    #[arg(long, env = "TETHER_AGENT_ADDR")]
+    pub agent_addr: Option<String>,
+    /// Where host-side callers connect (HTTPS: CONNECT, gateway) [default: 0.0.0.0:9443].
+    #[arg(long, env = "TETHER_FRONT_ADDR")]
+    pub front_addr: Option<String>,
+    /// Health, readiness, status and metrics (plain HTTP) [default: 127.0.0.1:9090].
+    #[arg(long, env = "TETHER_ADMIN_ADDR")]
+    pub admin_addr: Option<String>,
+    /// The address agents dial, e.g. tls://proxy.example.com:8443 (proxyPublishAddress)
+    /// [default: tls://127.0.0.1:AGENT_PORT].
+    #[arg(long, env = "TETHER_PUBLISH_ADDRESS")]
+    pub publish_address: Option<String>,
+    /// A plain TCP listener spliced to a cluster's API server: NAME=HOST:PORT (repeatable;
+    /// comma-separated in the environment variable).
+    #[arg(long, env = "TETHER_EXPOSE", value_delimiter = ',')]
+    pub expose: Vec<Expose>,
+    /// Interval of control-stream heartbeats; three missed ones close a session [default: 5s].
+    #[arg(long, env = "TETHER_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+    /// Most streams open at once on one agent session [default: 16384].
+    #[arg(long, env = "TETHER_MAX_STREAMS_PER_SESSION")]
+    pub max_streams_per_session: Option<usize>,
+    /// On SIGTERM, how long open streams may take to finish [default: 20s].
+    #[arg(long, env = "TETHER_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Option<Duration>,
+    /// This replica's id, shown to agents [default: the host name].
+    #[arg(long, env = "TETHER_PROXY_ID")]
+    pub proxy_id: Option<String>,
+}
+
+/// The config file: the same settings as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ConfigFile {
+    state_dir: Option<PathBuf>,
+    agent_addr: Option<String>,
+    front_addr: Option<String>,
+    admin_addr: Option<String>,
+    publish_address: Option<String>,
+    #[serde(default)]
+    expose: Vec<String>,
+    #[serde(default, with = "humantime_serde_opt")]
+    heartbeat_interval: Option<Duration>,
+    max_streams_per_session: Option<usize>,
+    #[serde(default, with = "humantime_serde_opt")]
+    drain_timeout: Option<Duration>,
+    proxy_id: Option<String>,
+}
+
+/// Durations in the config file are written like flags: `5s`, `1m30s`.
+mod humantime_serde_opt {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// Resolved settings of a running proxy.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub state_dir: PathBuf,
+    pub agent_addr: String,
+    pub front_addr: String,
+    pub admin_addr: String,
+    pub publish_address: PublishAddress,
+    pub expose: Vec<Expose>,
+    pub heartbeat_interval: Duration,
+    pub max_streams_per_session: usize,
+    pub drain_timeout: Duration,
+    pub proxy_id: String,
+}
+
+/// Where agents reach the proxy: scheme (`tls`, `quic`, `auto`), host and port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishAddress {
+    pub scheme: String,
+    pub host: String,
+    pub port: u16,
+    /// True when derived from the listen address rather than set by the operator.
+    pub defaulted: bool,
+}
+
+impl std::fmt::Display for PublishAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "{}://[{}]:{}", self.scheme, self.host, self.port)
+        } else {
+            write!(f, "{}://{}:{}", self.scheme, self.host, self.port)
+        }
+    }
+}
+
+impl PublishAddress {
+    /// Parses `tls://host:port` (also `quic://`, `auto://`, or a bare `host:port`, taken as tls).
+    pub fn parse(s: &str) -> Result<Self> {
+        let (scheme, rest) = s.split_once("://").unwrap_or(("tls", s));
+        if !matches!(scheme, "tls" | "quic" | "auto") {
+            bail!("publish address {s:?}: scheme must be tls://, quic:// or auto://");
+        }
+        let (host, port) = split_host_port(rest)
+            .with_context(|| format!("publish address {s:?}: expected SCHEME://HOST:PORT"))?;
+        Ok(PublishAddress {
+            scheme: scheme.into(),
+            host,
+            port,
+            defaulted: false,
+        })
+    }
+}
+
+/// Splits `host:port` or `[v6]:port`.
+pub fn split_host_port(s: &str) -> Result<(String, u16)> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, p) = rest.split_once("]:").context("expected [IPv6]:PORT")?;
+        (h, p)
+    } else {
+        s.rsplit_once(':').context("expected HOST:PORT")?
+    };
+    if host.is_empty() {
+        bail!("empty host in {s:?}");
+    }
+    let port = port.parse::<u16>().with_context(|| format!("bad port in {s:?}"))?;
+    Ok((host.to_string(), port))
+}
+
+impl ServeArgs {
+    /// Merges flags/env with the config file and defaults.
+    pub fn resolve(self) -> Result<Settings> {
+        let file = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?;
+                serde_yaml_ng::from_str::<ConfigFile>(&text)
+                    .with_context(|| format!("parsing config {}", p.display()))?
+            }
+            None => ConfigFile::default(),
+        };
+        let agent_addr = self
+            .agent_addr
+            .or(file.agent_addr)
+            .unwrap_or_else(|| DEFAULT_AGENT_ADDR.into());
+        let publish_address = match self.publish_address.or(file.publish_address) {
+            Some(p) => PublishAddress::parse(&p)?,
+            None => {
+                let (host, port) = split_host_port(&agent_addr)?;
+                let host = if host == "0.0.0.0" || host == "::" { "127.0.0.1".into() } else { host };
+                PublishAddress {
+                    scheme: "tls".into(),
+                    host,
+                    port,
+                    defaulted: true,
+                }
+            }
+        };
+        let mut expose = self.expose;
+        for e in file.expose {
+            expose.push(e.parse().map_err(anyhow::Error::msg)?);
+        }
+        Ok(Settings {
+            state_dir: self
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            agent_addr,
+            front_addr: self
+                .front_addr
+                .or(file.front_addr)
+                .unwrap_or_else(|| DEFAULT_FRONT_ADDR.into()),
+            admin_addr: self
+                .admin_addr
+                .or(file.admin_addr)
+                .unwrap_or_else(|| DEFAULT_ADMIN_ADDR.into()),
+            publish_address,
+            expose,
+            heartbeat_interval: self
+                .heartbeat_interval
+                .or(file.heartbeat_interval)
+                .unwrap_or(Duration::from_secs(5)),
+            max_streams_per_session: self
+                .max_streams_per_session
+                .or(file.max_streams_per_session)
+                .unwrap_or(16_384),
+            drain_timeout: self
+                .drain_timeout
+                .or(file.drain_timeout)
+                .unwrap_or(Duration::from_secs(20)),
+            proxy_id: self
+                .proxy_id
+                .or(file.proxy_id)
+                .unwrap_or_else(default_proxy_id),
+        })
+    }
+}
+
+fn default_proxy_id() -> String {
+    std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "tether-proxy".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_address_forms() {
+        let p = PublishAddress::parse("tls://proxy.example.com:8443").unwrap();
+        assert_eq!((p.host.as_str(), p.port), ("proxy.example.com", 8443));
+        assert_eq!(PublishAddress::parse("10.0.0.1:443").unwrap().scheme, "tls");
+        assert_eq!(PublishAddress::parse("quic://[::1]:8443").unwrap().host, "::1");
+        assert_eq!(PublishAddress::parse("quic://[::1]:8443").unwrap().to_string(), "quic://[::1]:8443");
+        assert!(PublishAddress::parse("http://x:1").is_err());
+        assert!(PublishAddress::parse("tls://x").is_err());
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(
+            &f,
+            "agentAddr: 127.0.0.1:1111\nfrontAddr: 127.0.0.1:2222\nexpose: [\"a=127.0.0.1:3333\"]\nheartbeatInterval: 2s\n",
+        )
+        .unwrap();
+        let s = ServeArgs {
+            config: Some(f.clone()),
+            front_addr: Some("127.0.0.1:4444".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(s.agent_addr, "127.0.0.1:1111");
+        assert_eq!(s.front_addr, "127.0.0.1:4444");
+        assert_eq!(s.expose.len(), 1);
+        assert_eq!(s.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(s.publish_address.to_string(), "tls://127.0.0.1:1111");
+        std::fs::write(&f, "agentAdr: typo\n").unwrap();
+        let err = ServeArgs { config: Some(f), ..Default::default() }.resolve().unwrap_err();
+        assert!(format!("{err:#}").contains("agentAdr"), "{err:#}");
+    }
+}
