@@ -21,7 +21,7 @@ use tether_proto::messages::{control_message, ControlMessage, Hello, HelloReply,
 use tether_proto::name::validate_cluster_name;
 use tether_proto::token::{TokenError, TokenKind, TokenVerifier};
 use tether_proto::transport::tls::TlsListener;
-use tether_proto::transport::{MuxStream, Session, SessionConfig};
+use tether_proto::transport::{MuxStream, Session, SessionConfig, SessionHandle};
 
 use crate::registry::{AgentSession, SessionRegistry};
 
@@ -74,26 +74,28 @@ pub async fn serve_tls(listener: TlsListener, gate: AgentGate) {
 /// Runs one agent session from `Hello` to its end.
 pub async fn run_session(mut session: Session, gate: AgentGate) {
     let peer = session.handle.info().peer;
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
-        let mut control = session.incoming.accept().await.ok_or(FrameError::Closed)?;
-        let hello: Hello = read_message(&mut control, DEFAULT_MAX_FRAME).await?;
-        Ok::<_, FrameError>((control, hello))
-    })
-    .await;
-    let (mut control, hello) = match hello {
-        Ok(Ok(pair)) => pair,
+    // The control stream, then a Hello on it, both within HELLO_TIMEOUT.
+    let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
+    let Ok(Some(mut control)) = tokio::time::timeout_at(deadline, session.incoming.accept()).await else {
+        gate.registry.metrics().agent_auth_failure("hello_timeout");
+        info!(%peer, "agent refused: no control stream within {}s", HELLO_TIMEOUT.as_secs());
+        session.handle.close();
+        return;
+    };
+    let hello = match tokio::time::timeout_at(deadline, read_message::<_, Hello>(&mut control, DEFAULT_MAX_FRAME)).await {
+        Ok(Ok(hello)) => hello,
         Ok(Err(e)) => {
             gate.registry.metrics().agent_auth_failure("protocol_error");
             info!(%peer, error = %e, "agent refused: no valid Hello");
-            // Tell the agent if there is a control stream to tell it on; the session is
-            // unusable either way.
-            session.handle.close();
+            let reason = format!("expected a Hello message: {e}");
+            refuse(control, &session.handle, RejectCode::ProtocolError, reason).await;
             return;
         }
         Err(_) => {
             gate.registry.metrics().agent_auth_failure("hello_timeout");
             info!(%peer, "agent refused: no Hello within {}s", HELLO_TIMEOUT.as_secs());
-            session.handle.close();
+            let reason = format!("no Hello within {}s", HELLO_TIMEOUT.as_secs());
+            refuse(control, &session.handle, RejectCode::ProtocolError, reason).await;
             return;
         }
     };
@@ -101,11 +103,7 @@ pub async fn run_session(mut session: Session, gate: AgentGate) {
     if let Err((code, label, reason)) = check_hello(&hello, &gate) {
         gate.registry.metrics().agent_auth_failure(label);
         warn!(%peer, cluster = %hello.cluster, agent_id = %hello.agent_id, reason = %reason, "agent refused");
-        let _ = write_message(&mut control, &HelloReply::reject(code, reason)).await;
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut control).await;
-        // Give the Reject a moment to reach the agent before the session goes.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        session.handle.close();
+        refuse(control, &session.handle, code, reason).await;
         return;
     }
 
@@ -154,6 +152,18 @@ pub async fn run_session(mut session: Session, gate: AgentGate) {
     agent.handle.close();
     extra.abort();
     info!(cluster = %agent.cluster, agent_id = %agent.agent_id, session_id = %agent.session_id, reason = %why, "agent disconnected");
+}
+
+/// Sends `Reject` on the control stream and closes the session.
+async fn refuse(mut control: MuxStream, handle: &SessionHandle, code: RejectCode, reason: String) {
+    let send = async {
+        let _ = write_message(&mut control, &HelloReply::reject(code, reason)).await;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut control).await;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), send).await;
+    // Give the Reject a moment to reach the agent before the session goes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    handle.close();
 }
 
 /// Verifies a `Hello`: version, name, token, scope, UID. The error carries the reject code,

@@ -42,6 +42,13 @@ pub struct AgentSession {
     pub draining: AtomicBool,
 }
 
+impl AgentSession {
+    /// Data streams open now (the session's streams less its control stream).
+    pub fn data_streams(&self) -> usize {
+        self.handle.open_streams().saturating_sub(1)
+    }
+}
+
 /// What the registry knows about one cluster.
 #[derive(Default)]
 struct ClusterEntry {
@@ -388,7 +395,7 @@ impl SessionRegistry {
                         .map(|a| a.rtt_micros.load(Ordering::Relaxed))
                         .min()
                         .unwrap_or(0),
-                    open_streams: agents.iter().map(|a| a.handle.open_streams()).sum(),
+                    open_streams: agents.iter().map(|a| a.data_streams()).sum(),
                     bytes_in: agents
                         .iter()
                         .map(|a| a.bytes_from_agent.load(Ordering::Relaxed))
@@ -409,7 +416,7 @@ impl SessionRegistry {
                             peer: a.handle.info().peer.to_string(),
                             connected_since: fmt(a.connected_at),
                             rtt_micros: a.rtt_micros.load(Ordering::Relaxed),
-                            open_streams: a.handle.open_streams(),
+                            open_streams: a.data_streams(),
                             draining: a.draining.load(Ordering::Relaxed),
                         })
                         .collect(),

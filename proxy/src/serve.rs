@@ -203,7 +203,7 @@ async fn drain(registry: &SessionRegistry, timeout: Duration) {
         let open: usize = registry
             .sessions()
             .iter()
-            .map(|s| s.handle.open_streams().saturating_sub(1))
+            .map(|s| s.data_streams())
             .sum();
         if open == 0 {
             info!("all streams finished");

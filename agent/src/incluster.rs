@@ -1,0 +1,68 @@
+//! Facts read from the member cluster when the agent runs in a pod: the API server address
+//! (`KUBERNETES_SERVICE_HOST`/`PORT`) and the cluster UID (the `kube-system` namespace UID,
+//! read with the pod's ServiceAccount, which never leaves the member).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// `host:port` of the in-cluster API server, if running in a pod.
+pub fn api_server_addr() -> Option<String> {
+    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok().filter(|h| !h.is_empty())?;
+    let port = std::env::var("KUBERNETES_SERVICE_PORT")
+        .ok()
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or(443);
+    Some(crate::settings::join_host_port(&host, port))
+}
+
+/// Reads the `kube-system` namespace UID from the API server at `addr` with the pod's
+/// ServiceAccount token and CA.
+pub async fn cluster_uid(addr: &str) -> Result<String> {
+    let dir = Path::new(SERVICE_ACCOUNT_DIR);
+    let token = std::fs::read_to_string(dir.join("token")).context("reading the ServiceAccount token")?;
+    let ca = std::fs::read_to_string(dir.join("ca.crt")).context("reading the ServiceAccount CA")?;
+    let body = get(addr, "kubernetes.default.svc", &ca, token.trim(), "/api/v1/namespaces/kube-system").await?;
+    let v: serde_json::Value = serde_json::from_slice(&body).context("parsing the kube-system namespace")?;
+    v["metadata"]["uid"]
+        .as_str()
+        .map(str::to_string)
+        .context("kube-system namespace has no metadata.uid")
+}
+
+/// One bounded HTTPS GET with a bearer token.
+async fn get(addr: &str, server_name: &str, ca_pem: &str, token: &str, path: &str) -> Result<Vec<u8>> {
+    let config = tether_proto::tls::client_config(ca_pem, &[b"http/1.1"], None)?;
+    let fetch = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::try_from(server_name.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        tokio::spawn(conn);
+        let req = http::Request::get(path)
+            .header(http::header::HOST, server_name)
+            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(http::header::ACCEPT, "application/json")
+            .body(Empty::<bytes::Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading response: {e}"))?
+            .to_bytes();
+        if !status.is_success() {
+            bail!("GET {path}: {status}: {}", String::from_utf8_lossy(&body[..body.len().min(300)]));
+        }
+        Ok::<_, anyhow::Error>(body.to_vec())
+    };
+    tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .context("timed out")?
+}
