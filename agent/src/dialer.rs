@@ -106,10 +106,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     );
     let mut backoff = Backoff::default();
     loop {
-        let outcome = tokio::select! {
-            o = attempt(&settings, &cluster_uid, &client_tls, &session_cfg, &ctx, &shutdown) => o,
-            _ = shutdown.cancelled() => Outcome::Shutdown,
-        };
+        // `attempt` watches `shutdown` itself, so that a running session can drain.
+        let outcome = attempt(&settings, &cluster_uid, &client_tls, &session_cfg, &ctx, &shutdown).await;
         let wait = match outcome {
             Outcome::Shutdown => return Ok(()),
             Outcome::Unreachable => backoff.next(UNREACHABLE_CAP),
@@ -154,7 +152,11 @@ async fn attempt(
     ctx: &Arc<StreamContext>,
     shutdown: &CancellationToken,
 ) -> Outcome {
-    let session = match tls::connect(&settings.proxy_addr, &settings.server_name, client_tls.clone(), session_cfg).await {
+    let connect = tls::connect(&settings.proxy_addr, &settings.server_name, client_tls.clone(), session_cfg);
+    let session = match tokio::select! {
+        s = connect => s,
+        _ = shutdown.cancelled() => return Outcome::Shutdown,
+    } {
         Ok(s) => s,
         Err(e) => {
             warn!(proxy = %settings.proxy_addr, error = %e, "cannot reach the proxy");
@@ -162,7 +164,14 @@ async fn attempt(
         }
     };
     let Session { handle, incoming } = session;
-    let (control, welcome) = match hello(settings, cluster_uid, &handle).await {
+    let greeting = tokio::select! {
+        h = hello(settings, cluster_uid, &handle) => h,
+        _ = shutdown.cancelled() => {
+            handle.close();
+            return Outcome::Shutdown;
+        }
+    };
+    let (control, welcome) = match greeting {
         Ok(pair) => pair,
         Err(HelloError::Rejected { code, reason }) => {
             error!(cluster = %settings.cluster, ?code, %reason, "the proxy refused this agent");

@@ -1,1 +1,560 @@
-fn main(){}
+//! `tether-bench`: a release-mode load generator for tether.
+//!
+//! It starts an in-process upstream server, `tether-proxy` and `tether-agent` as child
+//! processes, and measures every case through the tunnel and against a direct connection to
+//! the same upstream, in the same run:
+//!
+//! - `bulk`: throughput of 1 and 8 parallel streams into a sink;
+//! - `rtt`: 64-byte request/response on an open connection;
+//! - `connect`: new connection to first byte back, sequential and 16 in flight;
+//! - `http`: HTTP/1.1 GET of a 1 KiB object on 64 keep-alive connections;
+//! - `idle`: resident memory of proxy + agent per idle tunneled connection.
+//!
+//! Tunnel runs go through the proxy's `--expose` listener (the peers' topology); bulk and RTT
+//! also through TLS + `CONNECT` on the front. The results are printed as a table, with the
+//! targets of DESIGN.md, and written as JSON.
+
+mod bulk;
+mod connect;
+mod dial;
+mod harness;
+mod http;
+mod idle;
+mod report;
+mod rtt;
+mod stats;
+mod upstream;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use serde_json::json;
+
+use dial::{ConnectRoute, Route};
+use harness::Tunnel;
+use report::{Compare, Row, Target};
+
+/// Best encrypted peer (DESIGN.md): share of direct it reaches, in percent; tether's targets
+/// are 1.2× these.
+const PEER_BULK: f64 = 25.0;
+const PEER_HTTP: f64 = 32.0;
+const PEER_CONN: f64 = 35.0;
+const PEER_FACTOR: f64 = 1.2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Case {
+    Bulk,
+    Rtt,
+    Connect,
+    Http,
+    Idle,
+}
+
+/// tether-bench: throughput, latency, connection rate and memory of tether against a direct
+/// connection, measured in one run on 127.0.0.1.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Small sizes and counts: finishes in well under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Where tether-proxy and tether-agent are [default: next to this executable].
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// Where to write the JSON results [default: target/bench-results.json].
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Cases to run, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "bulk,rtt,connect,http,idle"
+    )]
+    cases: Vec<Case>,
+    /// Bytes per bulk run, split among its streams [default: 2 GiB, quick 64 MiB].
+    #[arg(long)]
+    bulk_bytes: Option<u64>,
+    /// Round trips per RTT run [default: 20000, quick 500].
+    #[arg(long)]
+    rtt_count: Option<usize>,
+    /// Connections per connect run [default: 3000, quick 100].
+    #[arg(long)]
+    conn_count: Option<usize>,
+    /// Connections in flight in the concurrent connect run.
+    #[arg(long, default_value_t = 16)]
+    conn_concurrency: usize,
+    /// Seconds per HTTP run [default: 10, quick 1].
+    #[arg(long)]
+    http_secs: Option<f64>,
+    /// Keep-alive connections in the HTTP run.
+    #[arg(long, default_value_t = 64)]
+    http_conns: usize,
+    /// Idle connections in the memory run [default: 1000, quick 100].
+    #[arg(long)]
+    idle_conns: Option<usize>,
+}
+
+/// Sizes, counts and time caps of one run.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Profile {
+    name: &'static str,
+    bulk_bytes: u64,
+    bulk_cap_s: u64,
+    rtt_count: usize,
+    rtt_cap_s: u64,
+    conn_count: usize,
+    conn_concurrency: usize,
+    conn_cap_s: u64,
+    http_secs: f64,
+    http_conns: usize,
+    idle_conns: usize,
+    watchdog_s: u64,
+}
+
+impl Profile {
+    fn from_cli(cli: &Cli) -> Profile {
+        let q = cli.quick;
+        Profile {
+            name: if q { "quick" } else { "default" },
+            bulk_bytes: cli
+                .bulk_bytes
+                .unwrap_or(if q { 64 << 20 } else { 2 << 30 })
+                .max(8),
+            bulk_cap_s: if q { 10 } else { 30 },
+            rtt_count: cli.rtt_count.unwrap_or(if q { 500 } else { 20_000 }).max(1),
+            rtt_cap_s: if q { 5 } else { 20 },
+            conn_count: cli.conn_count.unwrap_or(if q { 100 } else { 3_000 }).max(1),
+            conn_concurrency: cli.conn_concurrency.clamp(1, 1024),
+            conn_cap_s: if q { 5 } else { 20 },
+            http_secs: cli
+                .http_secs
+                .unwrap_or(if q { 1.0 } else { 10.0 })
+                .clamp(0.1, 120.0),
+            http_conns: cli.http_conns.clamp(1, 4096),
+            idle_conns: cli
+                .idle_conns
+                .unwrap_or(if q { 100 } else { 1_000 })
+                .clamp(1, 8192),
+            watchdog_s: if q { 180 } else { 600 },
+        }
+    }
+}
+
+/// Everything the cases need.
+struct Ctx {
+    tunnel: Tunnel,
+    direct: Route,
+    expose: Route,
+    connect: Route,
+    profile: Profile,
+}
+
+impl Ctx {
+    /// Runs `f`, returning its result and the CPU seconds the proxy and the agent spent.
+    async fn cpu<T>(&self, f: impl Future<Output = Result<T>>) -> Result<(T, Option<(f64, f64)>)> {
+        let before = self.tunnel.cpu().ok();
+        let out = f.await?;
+        let cpu = match (before, self.tunnel.cpu().ok()) {
+            (Some((p0, a0)), Some((p1, a1))) => {
+                Some(((p1 - p0).as_secs_f64(), (a1 - a0).as_secs_f64()))
+            }
+            _ => None,
+        };
+        Ok((out, cpu))
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tether-bench: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    // The children are spawned from this (the main) thread, so their PR_SET_PDEATHSIG
+    // fires only when the whole bench goes away.
+    match runtime.block_on(run(cli)) {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(1),
+        Err(e) => {
+            eprintln!("tether-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the selected cases; `Ok(false)` when some case failed.
+async fn run(cli: Cli) -> Result<bool> {
+    let profile = Profile::from_cli(&cli);
+    let exe_dir = std::env::current_exe()?
+        .parent()
+        .context("executable has no directory")?
+        .to_path_buf();
+    let bin_dir = cli.bin_dir.clone().unwrap_or_else(|| exe_dir.clone());
+    let json_path = cli.json.clone().unwrap_or_else(|| {
+        exe_dir
+            .parent()
+            .map(|t| t.join("bench-results.json"))
+            .unwrap_or_else(|| PathBuf::from("target/bench-results.json"))
+    });
+    start_watchdog(Duration::from_secs(profile.watchdog_s));
+
+    let started = Instant::now();
+    let upstream = upstream::start().await?;
+    eprintln!(
+        "upstream on {}; starting tether-proxy and tether-agent from {}",
+        upstream.addr,
+        bin_dir.display()
+    );
+    let tunnel = Tunnel::start(&bin_dir, upstream.addr)?;
+    eprintln!(
+        "agent connected (agent port {}, front {}, admin {}, expose {}) after {:.1}s",
+        tunnel.agent_addr,
+        tunnel.front_addr,
+        tunnel.admin_addr,
+        tunnel.expose_addr,
+        started.elapsed().as_secs_f64()
+    );
+    let tls = tether_proto::tls::client_config(&tunnel.ca_pem, &[b"http/1.1"], None)?;
+    let ctx = Ctx {
+        direct: Route::Direct(upstream.addr),
+        expose: Route::Expose(tunnel.expose_addr),
+        connect: Route::Connect(Arc::new(ConnectRoute {
+            front: tunnel.front_addr,
+            cluster: harness::CLUSTER.into(),
+            token: tunnel.client_token.clone(),
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+        })),
+        tunnel,
+        profile,
+    };
+    let mut ctx = ctx;
+
+    let mut rows = Vec::new();
+    let mut details = serde_json::Map::new();
+    let mut errors = Vec::new();
+    // Idle memory first, while the processes have not grown from the other cases.
+    for case in [Case::Idle, Case::Rtt, Case::Connect, Case::Bulk, Case::Http] {
+        if !cli.cases.contains(&case) {
+            continue;
+        }
+        let name = format!("{case:?}").to_lowercase();
+        let t0 = Instant::now();
+        eprintln!("== {name}");
+        let result = match case {
+            Case::Idle => case_idle(&ctx).await,
+            Case::Rtt => case_rtt(&ctx).await,
+            Case::Connect => case_connect(&ctx).await,
+            Case::Bulk => case_bulk(&ctx).await,
+            Case::Http => case_http(&ctx).await,
+        };
+        let result = result.and_then(|r| ctx.tunnel.check_alive().map(|()| r));
+        match result {
+            Ok((r, d)) => {
+                rows.extend(r);
+                details.insert(name.clone(), d);
+            }
+            Err(e) => {
+                eprintln!("{name} failed: {e:#}");
+                errors.push(json!({ "case": name, "error": format!("{e:#}") }));
+                if ctx.tunnel.check_alive().is_err() {
+                    eprintln!("a tether process died; stopping");
+                    break;
+                }
+            }
+        }
+        eprintln!("   {name} took {:.1}s", t0.elapsed().as_secs_f64());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+
+    let table = report::table(&rows);
+    println!("\n{table}");
+    println!(
+        "profile {}, {:.0}s total, {} CPUs; direct = same upstream without tether; ratios are tunnel/direct",
+        ctx.profile.name,
+        elapsed,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    let doc = json!({
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "unixTime": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "machine": {
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "network": "loopback 127.0.0.1",
+        },
+        "profile": ctx.profile,
+        "elapsedSecs": elapsed,
+        "rows": rows,
+        "details": details,
+        "errors": errors,
+    });
+    if let Some(dir) = json_path.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    std::fs::write(&json_path, serde_json::to_string_pretty(&doc)? + "\n")
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    eprintln!("wrote {}", json_path.display());
+    Ok(errors.is_empty())
+}
+
+/// Kills the children and exits if the run exceeds `limit` (a hang somewhere).
+fn start_watchdog(limit: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        eprintln!("tether-bench: still running after {limit:?}; killing the children and exiting");
+        harness::kill_children();
+        std::process::exit(3);
+    });
+}
+
+type CaseResult = Result<(Vec<Row>, serde_json::Value)>;
+
+async fn case_idle(ctx: &Ctx) -> CaseResult {
+    let n = ctx.profile.idle_conns;
+    let r = idle::run(&ctx.tunnel, &ctx.expose, n).await?;
+    eprintln!(
+        "   {n} idle: proxy {} -> {} KiB, agent {} -> {} KiB, streams reported {:?}",
+        r.proxy_rss_before_kib,
+        r.proxy_rss_after_kib,
+        r.agent_rss_before_kib,
+        r.agent_rss_after_kib,
+        r.open_streams_reported
+    );
+    let rows = vec![
+        Row::new(
+            "idle conn, proxy+agent",
+            "expose",
+            "KiB/conn",
+            None,
+            r.kib_per_conn,
+            Compare::None,
+            Some(Target::AtMost(32.0)),
+        ),
+        Row::new(
+            "idle conn, proxy",
+            "expose",
+            "KiB/conn",
+            None,
+            r.proxy_kib_per_conn,
+            Compare::None,
+            None,
+        ),
+        Row::new(
+            "idle conn, agent",
+            "expose",
+            "KiB/conn",
+            None,
+            r.agent_kib_per_conn,
+            Compare::None,
+            None,
+        ),
+    ];
+    Ok((rows, serde_json::to_value(r)?))
+}
+
+async fn case_rtt(ctx: &Ctx) -> CaseResult {
+    let (n, cap) = (
+        ctx.profile.rtt_count,
+        Duration::from_secs(ctx.profile.rtt_cap_s),
+    );
+    let direct = rtt::run(&ctx.direct, n, cap).await?;
+    let mut rows = Vec::new();
+    let mut runs = vec![direct.clone()];
+    for route in [&ctx.expose, &ctx.connect] {
+        let (t, cpu) = ctx.cpu(rtt::run(route, n, cap)).await?;
+        let (d, l) = (&direct.latency, &t.latency);
+        rows.push(
+            Row::new(
+                "rtt 64 B p50",
+                route.name(),
+                "us",
+                Some(d.p50_us),
+                l.p50_us,
+                Compare::Added,
+                Some(Target::AddedAtMost(25.0)),
+            )
+            .with_cpu(cpu),
+        );
+        rows.push(Row::new(
+            "rtt 64 B p99",
+            route.name(),
+            "us",
+            Some(d.p99_us),
+            l.p99_us,
+            Compare::Added,
+            Some(Target::AddedAtMost(100.0)),
+        ));
+        rows.push(Row::new(
+            "rtt 64 B p999",
+            route.name(),
+            "us",
+            Some(d.p999_us),
+            l.p999_us,
+            Compare::Added,
+            None,
+        ));
+        runs.push(t);
+    }
+    Ok((rows, serde_json::to_value(runs)?))
+}
+
+async fn case_connect(ctx: &Ctx) -> CaseResult {
+    let p = &ctx.profile;
+    let cap = Duration::from_secs(p.conn_cap_s);
+    let target_rate = Some(Target::RatioAtLeast(PEER_CONN * PEER_FACTOR));
+    let mut rows = Vec::new();
+    let mut runs = Vec::new();
+    for conc in [1, p.conn_concurrency] {
+        let direct = connect::run(&ctx.direct, p.conn_count, conc, cap).await?;
+        let (t, cpu) = ctx
+            .cpu(connect::run(&ctx.expose, p.conn_count, conc, cap))
+            .await?;
+        let label = if conc == 1 {
+            "new conn, sequential".to_string()
+        } else {
+            format!("new conn, {conc} in flight")
+        };
+        let (d, l) = (&direct.latency, &t.latency);
+        rows.push(
+            Row::new(
+                format!("{label}, rate"),
+                "expose",
+                "conn/s",
+                Some(direct.per_sec),
+                t.per_sec,
+                Compare::Ratio,
+                target_rate,
+            )
+            .with_cpu(cpu),
+        );
+        rows.push(Row::new(
+            format!("{label}, p50"),
+            "expose",
+            "us",
+            Some(d.p50_us),
+            l.p50_us,
+            Compare::Added,
+            None,
+        ));
+        let p99_target = (conc == 1).then_some(Target::AtMost(1000.0));
+        rows.push(Row::new(
+            format!("{label}, p99"),
+            "expose",
+            "us",
+            Some(d.p99_us),
+            l.p99_us,
+            Compare::Added,
+            p99_target,
+        ));
+        if t.errors > 0 || direct.errors > 0 {
+            eprintln!(
+                "   connect errors: direct {}, expose {}",
+                direct.errors, t.errors
+            );
+        }
+        runs.push(direct);
+        runs.push(t);
+    }
+    Ok((rows, serde_json::to_value(runs)?))
+}
+
+async fn case_bulk(ctx: &Ctx) -> CaseResult {
+    let p = &ctx.profile;
+    let cap = Duration::from_secs(p.bulk_cap_s);
+    let mut rows = Vec::new();
+    let mut runs = Vec::new();
+    for streams in [1usize, 8] {
+        let direct = bulk::run(&ctx.direct, streams, p.bulk_bytes, cap).await?;
+        eprintln!("   direct {streams}: {:.0} MB/s", direct.mb_per_s);
+        let label = if streams == 1 {
+            "bulk, 1 stream".to_string()
+        } else {
+            format!("bulk, {streams} streams")
+        };
+        for route in [&ctx.expose, &ctx.connect] {
+            let (t, cpu) = ctx
+                .cpu(bulk::run(route, streams, p.bulk_bytes, cap))
+                .await?;
+            eprintln!(
+                "   {} {streams}: {:.0} MB/s{}",
+                route.name(),
+                t.mb_per_s,
+                if t.capped { " (time cap hit)" } else { "" }
+            );
+            let target =
+                (route.name() == "expose").then_some(Target::RatioAtLeast(PEER_BULK * PEER_FACTOR));
+            rows.push(
+                Row::new(
+                    label.clone(),
+                    route.name(),
+                    "MB/s",
+                    Some(direct.mb_per_s),
+                    t.mb_per_s,
+                    Compare::Ratio,
+                    target,
+                )
+                .with_cpu(cpu),
+            );
+            runs.push(t);
+        }
+        runs.push(direct);
+    }
+    Ok((rows, serde_json::to_value(runs)?))
+}
+
+async fn case_http(ctx: &Ctx) -> CaseResult {
+    let p = &ctx.profile;
+    let dur = Duration::from_secs_f64(p.http_secs);
+    let direct = http::run(&ctx.direct, p.http_conns, dur).await?;
+    let (t, cpu) = ctx.cpu(http::run(&ctx.expose, p.http_conns, dur)).await?;
+    let c = p.http_conns;
+    let (d, l) = (&direct.latency, &t.latency);
+    let rows = vec![
+        Row::new(
+            format!("http GET 1 KiB, {c} conns, rate"),
+            "expose",
+            "req/s",
+            Some(direct.req_per_s),
+            t.req_per_s,
+            Compare::Ratio,
+            Some(Target::RatioAtLeast(PEER_HTTP * PEER_FACTOR)),
+        )
+        .with_cpu(cpu),
+        Row::new(
+            format!("http GET 1 KiB, {c} conns, p50"),
+            "expose",
+            "us",
+            Some(d.p50_us),
+            l.p50_us,
+            Compare::Added,
+            None,
+        ),
+        Row::new(
+            format!("http GET 1 KiB, {c} conns, p99"),
+            "expose",
+            "us",
+            Some(d.p99_us),
+            l.p99_us,
+            Compare::Added,
+            None,
+        ),
+    ];
+    if t.errors > 0 || direct.errors > 0 {
+        eprintln!(
+            "   http errors: direct {}, expose {}",
+            direct.errors, t.errors
+        );
+    }
+    Ok((rows, serde_json::to_value([direct, t])?))
+}

@@ -76,11 +76,20 @@ pub async fn run_session(mut session: Session, gate: AgentGate) {
     let peer = session.handle.info().peer;
     // The control stream, then a Hello on it, both within HELLO_TIMEOUT.
     let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
-    let Ok(Some(mut control)) = tokio::time::timeout_at(deadline, session.incoming.accept()).await else {
-        gate.registry.metrics().agent_auth_failure("hello_timeout");
-        info!(%peer, "agent refused: no control stream within {}s", HELLO_TIMEOUT.as_secs());
-        session.handle.close();
-        return;
+    let mut control = match tokio::time::timeout_at(deadline, session.incoming.accept()).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            // The multiplexer gave up: garbage or a closed connection instead of a session.
+            gate.registry.metrics().agent_auth_failure("protocol_error");
+            info!(%peer, "agent refused: the connection ended before a control stream (not a tether agent?)");
+            return;
+        }
+        Err(_) => {
+            gate.registry.metrics().agent_auth_failure("hello_timeout");
+            info!(%peer, "agent refused: no control stream within {}s", HELLO_TIMEOUT.as_secs());
+            session.handle.close();
+            return;
+        }
     };
     let hello = match tokio::time::timeout_at(deadline, read_message::<_, Hello>(&mut control, DEFAULT_MAX_FRAME)).await {
         Ok(Ok(hello)) => hello,

@@ -1,0 +1,229 @@
+//! The report: one row per figure, direct against tunnel, with the DESIGN.md target it is
+//! held to; printed as a table and written as JSON.
+
+use serde::Serialize;
+
+/// How the tunnel figure is compared with the direct one.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub enum Compare {
+    /// tunnel / direct, in percent (throughputs and rates).
+    Ratio,
+    /// tunnel − direct (latencies).
+    Added,
+    /// No direct counterpart.
+    None,
+}
+
+/// A target from DESIGN.md.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", tag = "kind", content = "value")]
+pub enum Target {
+    /// tunnel / direct ≥ this many percent.
+    RatioAtLeast(f64),
+    /// tunnel − direct ≤ this.
+    AddedAtMost(f64),
+    /// tunnel ≤ this.
+    AtMost(f64),
+}
+
+impl Target {
+    fn label(self, unit: &str) -> String {
+        match self {
+            Target::RatioAtLeast(p) => format!(">= {p:.0}%"),
+            Target::AddedAtMost(v) => format!("<= +{v:.0} {unit}"),
+            Target::AtMost(v) => format!("<= {v:.0} {unit}"),
+        }
+    }
+}
+
+/// One figure of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub case: String,
+    /// `expose` or `connect`.
+    pub route: &'static str,
+    pub unit: &'static str,
+    pub direct: Option<f64>,
+    pub tunnel: f64,
+    pub compare: Compare,
+    /// tunnel / direct in percent, or tunnel − direct, per `compare`.
+    pub delta: Option<f64>,
+    pub target: Option<Target>,
+    pub meets: Option<bool>,
+    /// CPU seconds the proxy and the agent spent during the tunnel run, when measured.
+    pub cpu_proxy_s: Option<f64>,
+    pub cpu_agent_s: Option<f64>,
+}
+
+impl Row {
+    pub fn new(
+        case: impl Into<String>,
+        route: &'static str,
+        unit: &'static str,
+        direct: Option<f64>,
+        tunnel: f64,
+        compare: Compare,
+        target: Option<Target>,
+    ) -> Row {
+        let delta = match (compare, direct) {
+            (Compare::Ratio, Some(d)) if d > 0.0 => Some(100.0 * tunnel / d),
+            (Compare::Added, Some(d)) => Some(tunnel - d),
+            _ => None,
+        };
+        let meets = target.map(|t| match t {
+            Target::RatioAtLeast(p) => delta.is_some_and(|r| r >= p),
+            Target::AddedAtMost(v) => delta.is_some_and(|a| a <= v),
+            Target::AtMost(v) => tunnel <= v,
+        });
+        Row {
+            case: case.into(),
+            route,
+            unit,
+            direct,
+            tunnel,
+            compare,
+            delta,
+            target,
+            meets,
+            cpu_proxy_s: None,
+            cpu_agent_s: None,
+        }
+    }
+
+    pub fn with_cpu(mut self, cpu: Option<(f64, f64)>) -> Row {
+        if let Some((p, a)) = cpu {
+            self.cpu_proxy_s = Some(p);
+            self.cpu_agent_s = Some(a);
+        }
+        self
+    }
+}
+
+/// Formats a number with a sensible precision for its size.
+fn num(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// The rows as a fixed-width text table (also valid Markdown).
+pub fn table(rows: &[Row]) -> String {
+    let header = [
+        "case",
+        "route",
+        "unit",
+        "direct",
+        "tunnel",
+        "vs direct",
+        "target",
+        "met",
+        "CPU s proxy/agent",
+    ];
+    let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for r in rows {
+        let delta = match (r.compare, r.delta) {
+            (Compare::Ratio, Some(p)) => format!("{p:.1}%"),
+            (Compare::Added, Some(a)) => format!("{}{}", if a >= 0.0 { "+" } else { "" }, num(a)),
+            _ => "-".into(),
+        };
+        cells.push(vec![
+            r.case.clone(),
+            r.route.into(),
+            r.unit.into(),
+            r.direct.map(num).unwrap_or_else(|| "-".into()),
+            num(r.tunnel),
+            delta,
+            r.target
+                .map(|t| t.label(r.unit))
+                .unwrap_or_else(|| "-".into()),
+            match r.meets {
+                Some(true) => "yes".into(),
+                Some(false) => "NO".into(),
+                None => "-".into(),
+            },
+            match (r.cpu_proxy_s, r.cpu_agent_s) {
+                (Some(p), Some(a)) => format!("{p:.2}/{a:.2}"),
+                _ => "-".into(),
+            },
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            cells
+                .iter()
+                .map(|c| c[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for (n, row) in cells.iter().enumerate() {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(i, (c, w))| {
+                let pad = w - c.chars().count();
+                if i < 3 {
+                    format!("{c}{}", " ".repeat(pad))
+                } else {
+                    format!("{}{c}", " ".repeat(pad))
+                }
+            })
+            .collect();
+        out.push_str(&format!("| {} |\n", line.join(" | ")));
+        if n == 0 {
+            let sep: Vec<String> = widths
+                .iter()
+                .enumerate()
+                .map(|(i, w)| {
+                    if i < 3 {
+                        "-".repeat(*w)
+                    } else {
+                        format!("{}:", "-".repeat(w - 1))
+                    }
+                })
+                .collect();
+            out.push_str(&format!("|-{}-|\n", sep.join("-|-")));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_and_table() {
+        let r = Row::new(
+            "bulk",
+            "expose",
+            "MB/s",
+            Some(1000.0),
+            400.0,
+            Compare::Ratio,
+            Some(Target::RatioAtLeast(30.0)),
+        );
+        assert_eq!(r.delta, Some(40.0));
+        assert_eq!(r.meets, Some(true));
+        let r2 = Row::new(
+            "rtt p50",
+            "expose",
+            "us",
+            Some(20.0),
+            60.0,
+            Compare::Added,
+            Some(Target::AddedAtMost(25.0)),
+        );
+        assert_eq!(r2.meets, Some(false));
+        let t = table(&[r, r2]);
+        assert_eq!(t.lines().count(), 4);
+        assert!(t.contains("40.0%") && t.contains("+40.0") && t.contains("NO"));
+    }
+}

@@ -1,0 +1,193 @@
+//! The in-process upstream server that every case talks to, directly or through the tunnel.
+//!
+//! The agent splices each tunnel stream to one upstream address, so a single listener serves
+//! every case; the first byte a client sends picks the behavior:
+//!
+//! - `S` + 8-byte little-endian length `L`: **sink**. Reads and discards `L` bytes, then
+//!   writes back the 8-byte count it received.
+//! - `E`: **echo**. Writes back every byte it reads, the `E` included, until end of stream.
+//! - `G`: **HTTP/1.1** (the `G` of `GET`). Answers every request on the keep-alive
+//!   connection with `200 OK` and a fixed 1 KiB body.
+//!
+//! Anything else closes the connection. Every connection ends at end of stream or on error;
+//! the accept loop ends when the returned [`Upstream`] is dropped.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Result;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+/// Mode byte: sink.
+pub const MODE_SINK: u8 = b'S';
+/// Mode byte: echo.
+pub const MODE_ECHO: u8 = b'E';
+/// Size of the HTTP response body.
+pub const HTTP_BODY: usize = 1024;
+/// Largest HTTP request head the server accepts.
+const MAX_HEAD: usize = 16 * 1024;
+/// Read buffer of the sink.
+const SINK_BUFFER: usize = 256 * 1024;
+
+/// A running upstream server; dropping it stops accepting (open connections end with their
+/// clients).
+pub struct Upstream {
+    pub addr: SocketAddr,
+    stop: Arc<Notify>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.notify_one();
+    }
+}
+
+/// Binds 127.0.0.1:0 and serves until dropped.
+pub async fn start() -> Result<Upstream> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let stop = Arc::new(Notify::new());
+    let stopped = stop.clone();
+    let response: Arc<[u8]> = http_response().into();
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stopped.notified() => return,
+            };
+            match accepted {
+                Ok((tcp, _)) => {
+                    let response = response.clone();
+                    tokio::spawn(async move {
+                        let _ = serve(tcp, response).await;
+                    });
+                }
+                // Out of file descriptors or similar: back off briefly, keep serving.
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+    });
+    Ok(Upstream { addr, stop })
+}
+
+/// The fixed HTTP response: headers and a 1 KiB body.
+fn http_response() -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {HTTP_BODY}\r\n\r\n"
+    )
+    .into_bytes();
+    r.extend((0..HTTP_BODY).map(|i| b'a' + (i % 26) as u8));
+    r
+}
+
+async fn serve(mut tcp: TcpStream, response: Arc<[u8]>) -> std::io::Result<()> {
+    tcp.set_nodelay(true)?;
+    let mut mode = [0u8; 1];
+    if tcp.read(&mut mode).await? == 0 {
+        return Ok(());
+    }
+    match mode[0] {
+        MODE_SINK => sink(tcp).await,
+        MODE_ECHO => echo(tcp).await,
+        b'G' => http(tcp, response).await,
+        _ => Ok(()),
+    }
+}
+
+async fn sink(mut tcp: TcpStream) -> std::io::Result<()> {
+    let want = tcp.read_u64_le().await?;
+    let mut buf = vec![0u8; SINK_BUFFER];
+    let mut got = 0u64;
+    while got < want {
+        let cap = (want - got).min(buf.len() as u64) as usize;
+        let n = tcp.read(&mut buf[..cap]).await?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    tcp.write_all(&got.to_le_bytes()).await?;
+    tcp.shutdown().await
+}
+
+async fn echo(mut tcp: TcpStream) -> std::io::Result<()> {
+    tcp.write_all(&[MODE_ECHO]).await?;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = tcp.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        tcp.write_all(&buf[..n]).await?;
+    }
+}
+
+/// Serves GET requests (no request bodies) on a keep-alive connection; pipelined requests
+/// are answered in order.
+async fn http(mut tcp: TcpStream, response: Arc<[u8]>) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(4096);
+    buf.push(b'G');
+    let mut chunk = [0u8; 4096];
+    loop {
+        // Answer every complete request head in the buffer.
+        let mut answered = 0;
+        let mut start = 0;
+        while let Some(end) = find_head_end(&buf[start..]) {
+            start += end;
+            answered += 1;
+        }
+        if answered > 0 {
+            buf.drain(..start);
+            for _ in 0..answered {
+                tcp.write_all(&response).await?;
+            }
+        }
+        if buf.len() > MAX_HEAD {
+            return Ok(());
+        }
+        let n = tcp.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The length of the request head at the start of `buf` (through `\r\n\r\n`), if complete.
+pub fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn modes_work() {
+        let up = start().await.unwrap();
+        // Sink.
+        let mut c = TcpStream::connect(up.addr).await.unwrap();
+        c.write_all(&[MODE_SINK]).await.unwrap();
+        c.write_u64_le(100_000).await.unwrap();
+        c.write_all(&vec![7u8; 100_000]).await.unwrap();
+        assert_eq!(c.read_u64_le().await.unwrap(), 100_000);
+        // Echo.
+        let mut c = TcpStream::connect(up.addr).await.unwrap();
+        c.write_all(b"Ehello").await.unwrap();
+        let mut back = [0u8; 6];
+        c.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"Ehello");
+        // HTTP, two pipelined requests.
+        let mut c = TcpStream::connect(up.addr).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let one = http_response().len();
+        let mut back = vec![0u8; 2 * one];
+        c.read_exact(&mut back).await.unwrap();
+        assert!(back.starts_with(b"HTTP/1.1 200 OK\r\n"));
+        assert!(back[one..].starts_with(b"HTTP/1.1 200 OK\r\n"));
+    }
+}
