@@ -114,7 +114,8 @@ pub struct Tunnel {
     pub expose_addr: SocketAddr,
     pub ca_pem: String,
     pub client_token: String,
-    pub dir: TempDir,
+    /// Held only to be removed on drop (after the children are gone).
+    _dir: TempDir,
 }
 
 /// A free port on 127.0.0.1 (bound then released; the proxy binds it right after).
@@ -264,7 +265,7 @@ impl Tunnel {
             expose_addr,
             ca_pem,
             client_token,
-            dir,
+            _dir: dir,
         };
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {

@@ -183,13 +183,13 @@ pub fn table(rows: &[Row]) -> String {
                 .enumerate()
                 .map(|(i, w)| {
                     if i < 3 {
-                        "-".repeat(*w)
+                        "-".repeat(w + 2)
                     } else {
-                        format!("{}:", "-".repeat(w - 1))
+                        format!("{}:", "-".repeat(w + 1))
                     }
                 })
                 .collect();
-            out.push_str(&format!("|-{}-|\n", sep.join("-|-")));
+            out.push_str(&format!("|{}|\n", sep.join("|")));
         }
     }
     out

@@ -26,7 +26,10 @@ use tokio_rustls::client::TlsStream;
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target profile dir");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile dir");
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -86,7 +89,10 @@ impl Process {
 
     /// Sends a signal to this process (by PID).
     pub fn signal(&self, sig: &str) {
-        let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status();
     }
 
     pub fn kill(&mut self) {
@@ -149,7 +155,11 @@ impl Proxy {
             agent_port: free_port(),
             front_port: free_port(),
             admin_port: free_port(),
-            exposed: opts.expose.iter().map(|c| (c.clone(), free_port())).collect(),
+            exposed: opts
+                .expose
+                .iter()
+                .map(|c| (c.clone(), free_port()))
+                .collect(),
             opts,
             process: None,
             starts: 0,
@@ -174,7 +184,8 @@ impl Proxy {
             .arg("--publish-address")
             .arg(format!("tls://127.0.0.1:{}", self.agent_port));
         for (cluster, port) in &self.exposed {
-            cmd.arg("--expose").arg(format!("{cluster}=127.0.0.1:{port}"));
+            cmd.arg("--expose")
+                .arg(format!("{cluster}=127.0.0.1:{port}"));
         }
         cmd.args(&self.opts.args);
         let log = self.dir.path().join(format!("proxy-{}.log", self.starts));
@@ -184,8 +195,16 @@ impl Proxy {
             if let Ok((200, _)) = http_get(self.admin_port, "/readyz") {
                 break;
             }
-            assert!(!process.has_exited(), "proxy exited early:\n{}", process.log());
-            assert!(start.elapsed() < Duration::from_secs(20), "proxy not ready:\n{}", process.log());
+            assert!(
+                !process.has_exited(),
+                "proxy exited early:\n{}",
+                process.log()
+            );
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "proxy not ready:\n{}",
+                process.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.process = Some(process);
@@ -216,8 +235,15 @@ impl Proxy {
             .arg(&self.state_dir)
             .output()
             .expect("running tether-proxy token");
-        assert!(out.status.success(), "token {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
+        assert!(
+            out.status.success(),
+            "token {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_string()
     }
 
     pub fn agent_token(&self, cluster: &str) -> String {
@@ -230,7 +256,8 @@ impl Proxy {
 
     /// `GET /api/v1/clusters` parsed.
     pub fn clusters(&self) -> Vec<serde_json::Value> {
-        let (status, body) = http_get(self.admin_port, "/api/v1/clusters").expect("admin reachable");
+        let (status, body) =
+            http_get(self.admin_port, "/api/v1/clusters").expect("admin reachable");
         assert_eq!(status, 200, "{body}");
         serde_json::from_str(&body).expect("clusters JSON")
     }
@@ -240,14 +267,19 @@ impl Proxy {
     }
 
     pub fn metrics(&self) -> String {
-        http_get(self.admin_port, "/metrics").expect("admin reachable").1
+        http_get(self.admin_port, "/metrics")
+            .expect("admin reachable")
+            .1
     }
 
     /// Waits until `cluster` has exactly `agents` connected agents.
     pub async fn wait_agents(&self, cluster: &str, agents: u64, timeout: Duration) -> bool {
         let start = Instant::now();
         while start.elapsed() < timeout {
-            let n = self.cluster(cluster).and_then(|c| c["agents"].as_u64()).unwrap_or(0);
+            let n = self
+                .cluster(cluster)
+                .and_then(|c| c["agents"].as_u64())
+                .unwrap_or(0);
             if n == agents {
                 return true;
             }
@@ -257,7 +289,11 @@ impl Proxy {
     }
 
     pub fn exposed_port(&self, cluster: &str) -> u16 {
-        self.exposed.iter().find(|(c, _)| c == cluster).expect("exposed cluster").1
+        self.exposed
+            .iter()
+            .find(|(c, _)| c == cluster)
+            .expect("exposed cluster")
+            .1
     }
 }
 
@@ -274,8 +310,16 @@ impl Agent {
         Self::start_with_token(proxy, cluster, upstream, &token, args)
     }
 
-    pub fn start_with_token(proxy: &Proxy, cluster: &str, upstream: &str, token: &str, args: &[&str]) -> Agent {
-        let n = std::fs::read_dir(proxy.dir.path()).map(|d| d.count()).unwrap_or(0);
+    pub fn start_with_token(
+        proxy: &Proxy,
+        cluster: &str,
+        upstream: &str,
+        token: &str,
+        args: &[&str],
+    ) -> Agent {
+        let n = std::fs::read_dir(proxy.dir.path())
+            .map(|d| d.count())
+            .unwrap_or(0);
         let token_file = proxy.dir.path().join(format!("agent-{cluster}-{n}.token"));
         std::fs::write(&token_file, token).expect("writing token");
         let mut cmd = Command::new(bin("tether-agent"));
@@ -317,7 +361,10 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other("malformed response"))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -347,7 +394,8 @@ impl ConnectOutcome {
 
 /// Sends `CONNECT {cluster}:443` to the proxy's front with an optional `Proxy-Authorization`.
 pub async fn connect_via_front(proxy: &Proxy, cluster: &str, auth: Option<&str>) -> ConnectOutcome {
-    let config = tether_proto::tls::client_config(&proxy.ca_pem(), &[b"http/1.1"], None).expect("client config");
+    let config = tether_proto::tls::client_config(&proxy.ca_pem(), &[b"http/1.1"], None)
+        .expect("client config");
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.front_port))
         .await
         .expect("front reachable");
@@ -360,7 +408,9 @@ pub async fn connect_via_front(proxy: &Proxy, cluster: &str, auth: Option<&str>)
         req.push_str(&format!("Proxy-Authorization: {a}\r\n"));
     }
     req.push_str("\r\n");
-    tls.write_all(req.as_bytes()).await.expect("writing CONNECT");
+    tls.write_all(req.as_bytes())
+        .await
+        .expect("writing CONNECT");
     let head = tokio::time::timeout(Duration::from_secs(20), read_head(&mut tls))
         .await
         .expect("CONNECT answered in time");
@@ -376,7 +426,8 @@ pub async fn connect_via_front(proxy: &Proxy, cluster: &str, auth: Option<&str>)
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
         })
         .unwrap_or(0);
     let mut body = vec![0u8; len.min(1 << 20)];
@@ -407,19 +458,27 @@ impl TlsEchoUpstream {
     pub async fn start(banner: &str) -> TlsEchoUpstream {
         let ca = tether_proto::tls::CertificateAuthority::generate("upstream CA").expect("CA");
         let leaf = ca
-            .issue_server(&["localhost".into(), "127.0.0.1".into()], Duration::from_secs(3600))
+            .issue_server(
+                &["localhost".into(), "127.0.0.1".into()],
+                Duration::from_secs(3600),
+            )
             .expect("leaf");
-        let config = tether_proto::tls::server_config(&leaf.cert_pem, &leaf.key_pem, &[b"http/1.1"], None)
-            .expect("server config");
+        let config =
+            tether_proto::tls::server_config(&leaf.cert_pem, &leaf.key_pem, &[b"http/1.1"], None)
+                .expect("server config");
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let banner = format!("{banner}\n");
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let (acceptor, banner) = (acceptor.clone(), banner.clone());
                 tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
                     let (mut r, mut w) = tokio::io::split(tls);
                     if w.write_all(banner.as_bytes()).await.is_err() {
                         return;
@@ -442,7 +501,8 @@ impl TlsEchoUpstream {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let config = tether_proto::tls::client_config(&self.ca_pem, &[b"http/1.1"], None).expect("config");
+        let config =
+            tether_proto::tls::client_config(&self.ca_pem, &[b"http/1.1"], None).expect("config");
         let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect("localhost".try_into().expect("name"), io)
             .await
@@ -469,7 +529,9 @@ pub struct TcpEchoUpstream {
 
 impl TcpEchoUpstream {
     pub async fn start() -> TcpEchoUpstream {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
@@ -498,7 +560,9 @@ pub struct TcpSourceUpstream {
 
 impl TcpSourceUpstream {
     pub async fn start(limit: usize) -> TcpSourceUpstream {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let task = tokio::spawn(async move {
             while let Ok((mut tcp, _)) = listener.accept().await {

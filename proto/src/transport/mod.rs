@@ -181,16 +181,18 @@ pub struct MuxStream {
     _permit: OwnedSemaphorePermit,
 }
 
-/// The transport-specific stream inside a [`MuxStream`].
-enum StreamInner {
-    Yamux(tokio_util::compat::Compat<::yamux::Stream>),
-}
+/// The transport-specific stream inside a [`MuxStream`]: anything that reads and writes.
+///
+/// Each transport hands its native stream type over boxed, so adding a transport never
+/// touches this module. (One allocation per stream; reads and writes go through a vtable.)
+pub(crate) trait RawStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> RawStream for T {}
+
+type StreamInner = Box<dyn RawStream>;
 
 impl std::fmt::Debug for MuxStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.inner {
-            StreamInner::Yamux(s) => write!(f, "MuxStream(yamux {})", s.get_ref().id()),
-        }
+        f.write_str("MuxStream")
     }
 }
 
@@ -200,9 +202,7 @@ impl AsyncRead for MuxStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.inner {
-            StreamInner::Yamux(s) => Pin::new(s).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
@@ -212,21 +212,27 @@ impl AsyncWrite for MuxStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.inner {
-            StreamInner::Yamux(s) => Pin::new(s).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.inner {
-            StreamInner::Yamux(s) => Pin::new(s).poll_flush(cx),
-        }
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.inner {
-            StreamInner::Yamux(s) => Pin::new(s).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 

@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, BufWriter};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 use tracing::debug;
 
-use super::{session_parts, DriverParts, Role, Session, SessionConfig, SessionError, SessionInfo, StreamInner};
+use super::{session_parts, DriverParts, Role, Session, SessionConfig, SessionError, SessionInfo};
 
 /// Write buffer under yamux: large enough to coalesce a frame header with a full 16 KiB body.
 const WRITE_BUFFER: usize = 64 * 1024;
@@ -87,7 +87,7 @@ where
                 Poll::Ready(Ok(stream)) => {
                     let req = pending.pop_front().expect("not empty");
                     // A requester that gave up drops the stream, which closes it.
-                    let _ = req.send(Ok(StreamInner::Yamux(stream.compat())));
+                    let _ = req.send(Ok(Box::new(stream.compat())));
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_string())),
                 Poll::Pending => break,
@@ -96,7 +96,7 @@ where
         // Inbound streams; this also drives all reading and writing of the connection.
         loop {
             match conn.poll_next_inbound(cx) {
-                Poll::Ready(Some(Ok(stream))) => parts.deliver(StreamInner::Yamux(stream.compat())),
+                Poll::Ready(Some(Ok(stream))) => parts.deliver(Box::new(stream.compat())),
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.to_string())),
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
                 Poll::Pending => return Poll::Pending,

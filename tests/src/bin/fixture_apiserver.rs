@@ -11,7 +11,10 @@ use clap::Parser;
 use tether_tests::fixture::{Fixture, FixtureOptions};
 
 #[derive(Parser, Debug)]
-#[command(name = "tether-fixture-apiserver", about = "A stand-in kube-apiserver for tether's tests")]
+#[command(
+    name = "tether-fixture-apiserver",
+    about = "A stand-in kube-apiserver for tether's tests"
+)]
 struct Args {
     /// Address to listen on (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:6443")]
@@ -40,7 +43,8 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     fixture.set_kube_version(&args.kube_version);
     if let Some(path) = &args.ca_out {
-        std::fs::write(path, fixture.ca_pem()).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, fixture.ca_pem())
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.kubeconfig_out {
         fixture.kubeconfig(path)?;
