@@ -14,7 +14,9 @@ pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceacc
 
 /// `host:port` of the in-cluster API server, if running in a pod.
 pub fn api_server_addr() -> Option<String> {
-    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok().filter(|h| !h.is_empty())?;
+    let host = std::env::var("KUBERNETES_SERVICE_HOST")
+        .ok()
+        .filter(|h| !h.is_empty())?;
     let port = std::env::var("KUBERNETES_SERVICE_PORT")
         .ok()
         .and_then(|p| p.parse::<u16>().ok())
@@ -26,10 +28,20 @@ pub fn api_server_addr() -> Option<String> {
 /// ServiceAccount token and CA.
 pub async fn cluster_uid(addr: &str) -> Result<String> {
     let dir = Path::new(SERVICE_ACCOUNT_DIR);
-    let token = std::fs::read_to_string(dir.join("token")).context("reading the ServiceAccount token")?;
-    let ca = std::fs::read_to_string(dir.join("ca.crt")).context("reading the ServiceAccount CA")?;
-    let body = get(addr, "kubernetes.default.svc", &ca, token.trim(), "/api/v1/namespaces/kube-system").await?;
-    let v: serde_json::Value = serde_json::from_slice(&body).context("parsing the kube-system namespace")?;
+    let token =
+        std::fs::read_to_string(dir.join("token")).context("reading the ServiceAccount token")?;
+    let ca =
+        std::fs::read_to_string(dir.join("ca.crt")).context("reading the ServiceAccount CA")?;
+    let body = get(
+        addr,
+        "kubernetes.default.svc",
+        &ca,
+        token.trim(),
+        "/api/v1/namespaces/kube-system",
+    )
+    .await?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&body).context("parsing the kube-system namespace")?;
     v["metadata"]["uid"]
         .as_str()
         .map(str::to_string)
@@ -37,12 +49,20 @@ pub async fn cluster_uid(addr: &str) -> Result<String> {
 }
 
 /// One bounded HTTPS GET with a bearer token.
-async fn get(addr: &str, server_name: &str, ca_pem: &str, token: &str, path: &str) -> Result<Vec<u8>> {
+async fn get(
+    addr: &str,
+    server_name: &str,
+    ca_pem: &str,
+    token: &str,
+    path: &str,
+) -> Result<Vec<u8>> {
     let config = tether_proto::tls::client_config(ca_pem, &[b"http/1.1"], None)?;
     let fetch = async {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         let name = rustls::pki_types::ServerName::try_from(server_name.to_string())?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
         tokio::spawn(conn);
         let req = http::Request::get(path)
@@ -58,7 +78,10 @@ async fn get(addr: &str, server_name: &str, ca_pem: &str, token: &str, path: &st
             .map_err(|e| anyhow::anyhow!("reading response: {e}"))?
             .to_bytes();
         if !status.is_success() {
-            bail!("GET {path}: {status}: {}", String::from_utf8_lossy(&body[..body.len().min(300)]));
+            bail!(
+                "GET {path}: {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(300)])
+            );
         }
         Ok::<_, anyhow::Error>(body.to_vec())
     };

@@ -48,7 +48,10 @@ impl StreamContext {
                 StreamRejectCode::Unsupported,
                 "this agent does not serve the kube gateway".into(),
             )),
-            None => Err((StreamRejectCode::ProtocolError, "StreamOpen has no target".into())),
+            None => Err((
+                StreamRejectCode::ProtocolError,
+                "StreamOpen has no target".into(),
+            )),
         }
     }
 }
@@ -62,11 +65,20 @@ pub async fn serve(mut incoming: Incoming, ctx: Arc<StreamContext>, tracker: Tas
 }
 
 async fn handle(mut stream: MuxStream, ctx: Arc<StreamContext>) {
-    let open: StreamOpen = match tokio::time::timeout(OPEN_TIMEOUT, read_message(&mut stream, DEFAULT_MAX_FRAME)).await {
+    let open: StreamOpen = match tokio::time::timeout(
+        OPEN_TIMEOUT,
+        read_message(&mut stream, DEFAULT_MAX_FRAME),
+    )
+    .await
+    {
         Ok(Ok(o)) => o,
         Ok(Err(e)) => {
             debug!(error = %e, "stream without a valid StreamOpen");
-            let _ = write_message(&mut stream, &StreamReply::reject(StreamRejectCode::ProtocolError, e.to_string())).await;
+            let _ = write_message(
+                &mut stream,
+                &StreamReply::reject(StreamRejectCode::ProtocolError, e.to_string()),
+            )
+            .await;
             return;
         }
         Err(_) => return,
@@ -94,7 +106,10 @@ async fn handle(mut stream: MuxStream, ctx: Arc<StreamContext>) {
         Err(_) => return unreachable(stream, &request_id, &addr, "timed out").await,
     };
     let _ = upstream.set_nodelay(true);
-    if write_message(&mut stream, &StreamReply::accept()).await.is_err() {
+    if write_message(&mut stream, &StreamReply::accept())
+        .await
+        .is_err()
+    {
         return;
     }
     let result = tether_proto::splice::splice(stream, upstream, None, None).await;
@@ -104,7 +119,11 @@ async fn handle(mut stream: MuxStream, ctx: Arc<StreamContext>) {
 async fn unreachable(mut stream: MuxStream, request_id: &str, addr: &str, why: &str) {
     let reason = format!("agent could not connect to {addr}: {why}");
     info!(request_id = %request_id, %reason, "stream refused");
-    let _ = write_message(&mut stream, &StreamReply::reject(StreamRejectCode::Unreachable, reason)).await;
+    let _ = write_message(
+        &mut stream,
+        &StreamReply::reject(StreamRejectCode::Unreachable, reason),
+    )
+    .await;
 }
 
 #[cfg(test)]
@@ -130,8 +149,14 @@ mod tests {
     #[test]
     fn allowlist() {
         let c = ctx();
-        assert_eq!(c.resolve(&open(Target::api_server())).unwrap(), "10.0.0.1:443");
-        assert_eq!(c.resolve(&open(Target::address("DB.local:5432"))).unwrap(), "db.local:5432");
+        assert_eq!(
+            c.resolve(&open(Target::api_server())).unwrap(),
+            "10.0.0.1:443"
+        );
+        assert_eq!(
+            c.resolve(&open(Target::address("DB.local:5432"))).unwrap(),
+            "db.local:5432"
+        );
         let (code, reason) = c.resolve(&open(Target::address("evil:22"))).unwrap_err();
         assert_eq!(code, StreamRejectCode::NotAllowed);
         assert!(reason.contains("--allow"));

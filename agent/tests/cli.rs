@@ -8,7 +8,10 @@ fn agent(args: &[&str]) -> (bool, String) {
         .env_remove("KUBERNETES_SERVICE_HOST")
         .output()
         .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
 
 #[test]
@@ -17,14 +20,41 @@ fn flag_mistakes_are_explained() {
     let ca = dir.path().join("ca.crt");
     std::fs::write(&ca, "not a certificate").unwrap();
     let ca = ca.to_str().unwrap();
-    let base = ["--cluster", "a", "--token-file", "/nonexistent", "--ca-file"];
+    let base = [
+        "--cluster",
+        "a",
+        "--token-file",
+        "/nonexistent",
+        "--ca-file",
+    ];
 
-    let (ok, err) = agent(&[&base[..], &[ca, "--proxy", "http://x:1", "--upstream", "https://k:6443"]].concat());
+    let (ok, err) = agent(
+        &[
+            &base[..],
+            &[ca, "--proxy", "http://x:1", "--upstream", "https://k:6443"],
+        ]
+        .concat(),
+    );
     assert!(!ok && err.contains("tls://HOST:PORT"), "{err}");
 
-    let (ok, err) = agent(&[&base[..], &[ca, "--proxy", "tls://x:1", "--upstream", "https://k:6443"]].concat());
+    let (ok, err) = agent(
+        &[
+            &base[..],
+            &[ca, "--proxy", "tls://x:1", "--upstream", "https://k:6443"],
+        ]
+        .concat(),
+    );
     assert!(!ok && err.contains("--ca-file"), "{err}");
 
-    let (ok, err) = agent(&["--cluster", "Bad_Name", "--token-file", "t", "--ca-file", ca, "--proxy", "tls://x:1"]);
+    let (ok, err) = agent(&[
+        "--cluster",
+        "Bad_Name",
+        "--token-file",
+        "t",
+        "--ca-file",
+        ca,
+        "--proxy",
+        "tls://x:1",
+    ]);
     assert!(!ok && err.contains("lowercase letters"), "{err}");
 }

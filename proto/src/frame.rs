@@ -104,7 +104,10 @@ mod tests {
         prost::encoding::encode_varint(1 << 40, &mut wire);
         let mut r = &wire[..];
         let err = read_message::<_, Ping>(&mut r, 1024).await.unwrap_err();
-        assert!(matches!(err, FrameError::TooLarge { max: 1024, .. }), "{err}");
+        assert!(
+            matches!(err, FrameError::TooLarge { max: 1024, .. }),
+            "{err}"
+        );
     }
 
     #[tokio::test]

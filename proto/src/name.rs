@@ -1,7 +1,8 @@
 //! The Kubernetes rule for names, which cluster names follow (RFC 1123 subdomain).
 
 /// The rule, in words, for error messages.
-pub const CLUSTER_NAME_RULE: &str = "a cluster name must consist of lowercase letters, digits, '-' \
+pub const CLUSTER_NAME_RULE: &str =
+    "a cluster name must consist of lowercase letters, digits, '-' \
      and '.', start and end with a letter or digit, and be at most 253 characters";
 
 /// Checks `name` against the Kubernetes rule for names; the error says the rule.
@@ -17,7 +18,9 @@ pub fn validate_cluster_name(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         let shown: String = name.chars().take(64).collect();
-        Err(format!("invalid cluster name {shown:?}: {CLUSTER_NAME_RULE}"))
+        Err(format!(
+            "invalid cluster name {shown:?}: {CLUSTER_NAME_RULE}"
+        ))
     }
 }
 

@@ -40,10 +40,17 @@ where
         copy_then_shutdown(&mut ar, &mut bw, a_to_b),
         copy_then_shutdown(&mut br, &mut aw, b_to_a),
     )?;
-    Ok(Spliced { a_to_b: x, b_to_a: y })
+    Ok(Spliced {
+        a_to_b: x,
+        b_to_a: y,
+    })
 }
 
-async fn copy_then_shutdown<R, W>(r: &mut R, w: &mut W, counter: Option<&AtomicU64>) -> io::Result<u64>
+async fn copy_then_shutdown<R, W>(
+    r: &mut R,
+    w: &mut W,
+    counter: Option<&AtomicU64>,
+) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -95,7 +102,13 @@ mod tests {
         cr.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, b"world!");
         let (r, c) = task.await.unwrap();
-        assert_eq!(r, Spliced { a_to_b: 5, b_to_a: 6 });
+        assert_eq!(
+            r,
+            Spliced {
+                a_to_b: 5,
+                b_to_a: 6
+            }
+        );
         assert_eq!(c, 5);
         counter.fetch_add(1, Ordering::Relaxed);
     }

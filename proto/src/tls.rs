@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -202,10 +202,17 @@ impl CertificateAuthority {
     }
 
     /// Issues a serving certificate for `names` (DNS names or IP addresses), valid `validity`.
-    pub fn issue_server(&self, names: &[String], validity: Duration) -> Result<CertifiedKey, TlsError> {
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        validity: Duration,
+    ) -> Result<CertifiedKey, TlsError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, names.first().map(String::as_str).unwrap_or("tether-proxy"));
+        dn.push(
+            DnType::CommonName,
+            names.first().map(String::as_str).unwrap_or("tether-proxy"),
+        );
         params.distinguished_name = dn;
         for n in names {
             let san = match n.parse::<IpAddr>() {
@@ -248,7 +255,11 @@ impl CertificateAuthority {
         self.sign(params, validity)
     }
 
-    fn sign(&self, mut params: CertificateParams, validity: Duration) -> Result<CertifiedKey, TlsError> {
+    fn sign(
+        &self,
+        mut params: CertificateParams,
+        validity: Duration,
+    ) -> Result<CertifiedKey, TlsError> {
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + validity;
@@ -380,7 +391,10 @@ mod tests {
         let srv = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             let mut tls = acceptor.accept(tcp).await.unwrap();
-            assert_eq!(tls.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+            assert_eq!(
+                tls.get_ref().1.protocol_version(),
+                Some(rustls::ProtocolVersion::TLSv1_3)
+            );
             tls.write_all(b"hi").await.unwrap();
             tls.shutdown().await.unwrap();
         });
@@ -409,7 +423,10 @@ mod tests {
         });
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let connector = tokio_rustls::TlsConnector::from(Arc::new(cc));
-        assert!(connector.connect("localhost".try_into().unwrap(), tcp).await.is_err());
+        assert!(connector
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .is_err());
     }
 
     #[test]

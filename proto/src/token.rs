@@ -61,7 +61,13 @@ impl Claims {
     /// Claims for an agent token of `cluster`.
     pub fn agent(cluster: &str, ttl: Option<Duration>) -> Result<Self, TokenError> {
         validate_cluster_name(cluster).map_err(TokenError::InvalidClaims)?;
-        Ok(Self::new(TokenKind::Agent, cluster, Vec::new(), Vec::new(), ttl))
+        Ok(Self::new(
+            TokenKind::Agent,
+            cluster,
+            Vec::new(),
+            Vec::new(),
+            ttl,
+        ))
     }
 
     /// Claims for a client token of `user` in `groups`, reaching clusters matching `clusters`.
@@ -72,7 +78,9 @@ impl Claims {
         ttl: Option<Duration>,
     ) -> Result<Self, TokenError> {
         if user.is_empty() {
-            return Err(TokenError::InvalidClaims("a client token needs a user name".into()));
+            return Err(TokenError::InvalidClaims(
+                "a client token needs a user name".into(),
+            ));
         }
         if clusters.is_empty() {
             return Err(TokenError::InvalidClaims(
@@ -118,12 +126,17 @@ pub enum TokenError {
     Malformed(&'static str),
     #[error("token signature does not verify: it was not signed by this proxy's signing key")]
     BadSignature,
-    #[error("token expired at {expired_at} (unix seconds); mint a new one with `tether-proxy token`")]
+    #[error(
+        "token expired at {expired_at} (unix seconds); mint a new one with `tether-proxy token`"
+    )]
     Expired { expired_at: u64 },
     #[error("token {jti} has been revoked")]
     Revoked { jti: String },
     #[error("this is a {found:?} token, but a {expected:?} token is needed here")]
-    WrongKind { expected: TokenKind, found: TokenKind },
+    WrongKind {
+        expected: TokenKind,
+        found: TokenKind,
+    },
     #[error("{0}")]
     InvalidClaims(String),
     #[error("signing key: {0}")]
@@ -161,7 +174,9 @@ pub struct SigningKey {
 
 impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningKey").field("kid", &self.kid).finish_non_exhaustive()
+        f.debug_struct("SigningKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -177,8 +192,12 @@ impl SigningKey {
     pub fn from_pkcs8(der: &[u8]) -> Result<Self, TokenError> {
         let pair = Ed25519KeyPair::from_pkcs8(der)
             .map_err(|e| TokenError::Key(format!("not an Ed25519 PKCS#8 key: {e}")))?;
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, pair.public_key().as_ref());
-        let kid = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let digest =
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, pair.public_key().as_ref());
+        let kid = digest.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         Ok(SigningKey {
             pair,
             pkcs8: der.to_vec(),
@@ -261,24 +280,29 @@ impl TokenVerifier {
             return Err(TokenError::Malformed("longer than 8 KiB"));
         }
         let mut parts = token.split('.');
-        let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(h), Some(c), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(TokenError::Malformed("expected three dot-separated parts"));
         };
         let header: Header = serde_json::from_slice(
-            &B64.decode(h).map_err(|_| TokenError::Malformed("header is not base64url"))?,
+            &B64.decode(h)
+                .map_err(|_| TokenError::Malformed("header is not base64url"))?,
         )
         .map_err(|_| TokenError::Malformed("header is not JSON"))?;
         if header.alg != "EdDSA" {
             return Err(TokenError::Malformed("algorithm is not EdDSA"));
         }
-        let sig = B64.decode(s).map_err(|_| TokenError::Malformed("signature is not base64url"))?;
+        let sig = B64
+            .decode(s)
+            .map_err(|_| TokenError::Malformed("signature is not base64url"))?;
         let signed = &token[..h.len() + 1 + c.len()];
         UnparsedPublicKey::new(&ED25519, &self.public_key)
             .verify(signed.as_bytes(), &sig)
             .map_err(|_| TokenError::BadSignature)?;
         let claims: Claims = serde_json::from_slice(
-            &B64.decode(c).map_err(|_| TokenError::Malformed("claims are not base64url"))?,
+            &B64.decode(c)
+                .map_err(|_| TokenError::Malformed("claims are not base64url"))?,
         )
         .map_err(|_| TokenError::Malformed("claims are not the expected JSON"))?;
         if let Some(exp) = claims.exp {
@@ -365,7 +389,10 @@ mod tests {
         let claims = key.verifier().verify(&token, TokenKind::Agent).unwrap();
         assert_eq!(claims.sub, "prod-1");
         assert_eq!(
-            key.verifier().verify(&token, TokenKind::Client).unwrap_err().label(),
+            key.verifier()
+                .verify(&token, TokenKind::Client)
+                .unwrap_err()
+                .label(),
             "wrong_kind"
         );
     }
@@ -375,14 +402,21 @@ mod tests {
         let key = SigningKey::generate().unwrap();
         let other = SigningKey::generate().unwrap();
         let token = other.mint(&Claims::agent("a", None).unwrap());
-        assert_eq!(key.verifier().verify(&token, TokenKind::Agent), Err(TokenError::BadSignature));
+        assert_eq!(
+            key.verifier().verify(&token, TokenKind::Agent),
+            Err(TokenError::BadSignature)
+        );
 
         // Swap in claims for another cluster, keeping the original signature.
         let good = key.mint(&Claims::agent("a", None).unwrap());
-        let forged_claims = B64.encode(serde_json::to_vec(&Claims::agent("b", None).unwrap()).unwrap());
+        let forged_claims =
+            B64.encode(serde_json::to_vec(&Claims::agent("b", None).unwrap()).unwrap());
         let parts: Vec<&str> = good.split('.').collect();
         let forged = format!("{}.{}.{}", parts[0], forged_claims, parts[2]);
-        assert_eq!(key.verifier().verify(&forged, TokenKind::Agent), Err(TokenError::BadSignature));
+        assert_eq!(
+            key.verifier().verify(&forged, TokenKind::Agent),
+            Err(TokenError::BadSignature)
+        );
     }
 
     #[test]
@@ -391,22 +425,39 @@ mod tests {
         let claims = Claims::agent("a", Some(Duration::from_secs(60))).unwrap();
         let token = key.mint(&claims);
         let v = key.verifier();
-        assert!(v.verify_at(&token, TokenKind::Agent, claims.iat + 59).is_ok());
+        assert!(v
+            .verify_at(&token, TokenKind::Agent, claims.iat + 59)
+            .is_ok());
         assert!(matches!(
             v.verify_at(&token, TokenKind::Agent, claims.iat + 60),
             Err(TokenError::Expired { .. })
         ));
         let mut v = key.verifier();
         v.set_revoked([claims.jti.clone()].into());
-        assert!(matches!(v.verify(&token, TokenKind::Agent), Err(TokenError::Revoked { .. })));
+        assert!(matches!(
+            v.verify(&token, TokenKind::Agent),
+            Err(TokenError::Revoked { .. })
+        ));
     }
 
     #[test]
     fn garbage_is_malformed_not_a_panic() {
         let v = SigningKey::generate().unwrap().verifier();
-        for t in ["", "a", "a.b", "a.b.c", "a.b.c.d", "....", "eyJ.eyJ.x", &"x".repeat(9000)] {
+        for t in [
+            "",
+            "a",
+            "a.b",
+            "a.b.c",
+            "a.b.c.d",
+            "....",
+            "eyJ.eyJ.x",
+            &"x".repeat(9000),
+        ] {
             let e = v.verify(t, TokenKind::Agent).unwrap_err();
-            assert!(matches!(e, TokenError::Malformed(_) | TokenError::BadSignature), "{t}: {e}");
+            assert!(
+                matches!(e, TokenError::Malformed(_) | TokenError::BadSignature),
+                "{t}: {e}"
+            );
         }
     }
 

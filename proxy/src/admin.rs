@@ -66,11 +66,19 @@ impl Admin {
             "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
             "/readyz" => {
                 if self.shutdown.is_cancelled() {
-                    respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n".into())
+                    respond(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "shutting down\n".into(),
+                    )
                 } else if self.ready.load(Ordering::Relaxed) {
                     respond(StatusCode::OK, "text/plain", "ok\n".into())
                 } else {
-                    respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "listeners not bound yet\n".into())
+                    respond(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "listeners not bound yet\n".into(),
+                    )
                 }
             }
             "/api/v1/clusters" => respond(
@@ -95,7 +103,9 @@ impl Admin {
 fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
     resp
 }

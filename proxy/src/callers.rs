@@ -57,7 +57,10 @@ impl CallerAuthError {
 
 /// Extracts the token from an authorization header value (`Bearer T` or `Basic b64(user:T)`).
 pub fn token_from_header(value: Option<&str>) -> Result<String, CallerAuthError> {
-    let value = value.map(str::trim).filter(|v| !v.is_empty()).ok_or(CallerAuthError::Missing)?;
+    let value = value
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .ok_or(CallerAuthError::Missing)?;
     let (scheme, rest) = value.split_once(' ').ok_or(CallerAuthError::Scheme)?;
     let rest = rest.trim();
     if scheme.eq_ignore_ascii_case("bearer") {
@@ -66,9 +69,12 @@ pub fn token_from_header(value: Option<&str>) -> Result<String, CallerAuthError>
     if scheme.eq_ignore_ascii_case("basic") {
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(rest)
-            .map_err(|_| CallerAuthError::Token(TokenError::Malformed("Basic credentials are not base64")))?;
-        let text = String::from_utf8(decoded)
-            .map_err(|_| CallerAuthError::Token(TokenError::Malformed("Basic credentials are not UTF-8")))?;
+            .map_err(|_| {
+                CallerAuthError::Token(TokenError::Malformed("Basic credentials are not base64"))
+            })?;
+        let text = String::from_utf8(decoded).map_err(|_| {
+            CallerAuthError::Token(TokenError::Malformed("Basic credentials are not UTF-8"))
+        })?;
         // The password is the token; the user name is informational.
         let token = text.split_once(':').map(|(_, p)| p).unwrap_or(&text);
         return Ok(token.to_string());
@@ -77,7 +83,10 @@ pub fn token_from_header(value: Option<&str>) -> Result<String, CallerAuthError>
 }
 
 /// Authenticates a caller from an authorization header value.
-pub fn authenticate(verifier: &TokenVerifier, header: Option<&str>) -> Result<Caller, CallerAuthError> {
+pub fn authenticate(
+    verifier: &TokenVerifier,
+    header: Option<&str>,
+) -> Result<Caller, CallerAuthError> {
     let token = token_from_header(header)?;
     let claims = verifier.verify(&token, TokenKind::Client)?;
     Ok(Caller::from_claims(claims))
@@ -91,16 +100,26 @@ mod tests {
     #[test]
     fn bearer_and_basic() {
         let key = SigningKey::generate().unwrap();
-        let t = key.mint(&Claims::client("alice", vec!["dev".into()], vec!["a".into()], None).unwrap());
+        let t =
+            key.mint(&Claims::client("alice", vec!["dev".into()], vec!["a".into()], None).unwrap());
         let v = key.verifier();
         let c = authenticate(&v, Some(&format!("Bearer {t}"))).unwrap();
         assert_eq!(c.user, "alice");
         assert!(c.may_reach("a") && !c.may_reach("b"));
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("alice:{t}"));
         assert!(authenticate(&v, Some(&format!("Basic {basic}"))).is_ok());
-        assert!(matches!(authenticate(&v, None), Err(CallerAuthError::Missing)));
-        assert!(matches!(authenticate(&v, Some("Digest x")), Err(CallerAuthError::Scheme)));
-        assert!(matches!(authenticate(&v, Some("Bearer nope")), Err(CallerAuthError::Token(_))));
+        assert!(matches!(
+            authenticate(&v, None),
+            Err(CallerAuthError::Missing)
+        ));
+        assert!(matches!(
+            authenticate(&v, Some("Digest x")),
+            Err(CallerAuthError::Scheme)
+        ));
+        assert!(matches!(
+            authenticate(&v, Some("Bearer nope")),
+            Err(CallerAuthError::Token(_))
+        ));
         // An agent token is not a client token.
         let agent = key.mint(&Claims::agent("a", None).unwrap());
         assert!(authenticate(&v, Some(&format!("Bearer {agent}"))).is_err());

@@ -42,7 +42,12 @@ impl std::str::FromStr for Expose {
 }
 
 /// Accepts on `listener` and splices each connection to `cluster`'s API server.
-pub async fn serve(listener: TcpListener, cluster: String, registry: Arc<SessionRegistry>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    cluster: String,
+    registry: Arc<SessionRegistry>,
+    shutdown: CancellationToken,
+) {
     loop {
         let (tcp, peer) = tokio::select! {
             a = listener.accept() => match a {
@@ -59,12 +64,17 @@ pub async fn serve(listener: TcpListener, cluster: String, registry: Arc<Session
         let (registry, cluster) = (registry.clone(), cluster.clone());
         tokio::spawn(async move {
             let request_id = tether_proto::token::random_id();
-            match registry.open(&cluster, Target::api_server(), &request_id).await {
+            match registry
+                .open(&cluster, Target::api_server(), &request_id)
+                .await
+            {
                 Ok(tunnel) => {
                     let _ = tunnel.splice_with(tcp).await;
                 }
                 // Bytes only: there is no protocol to put the reason in, so it goes to the log.
-                Err(e) => info!(%peer, %cluster, request_id = %request_id, error = %e, "exposed connection closed"),
+                Err(e) => {
+                    info!(%peer, %cluster, request_id = %request_id, error = %e, "exposed connection closed")
+                }
             }
         });
     }

@@ -47,7 +47,12 @@ pub struct Front {
 }
 
 /// Serves the front on `listener` with TLS until `shutdown`.
-pub async fn serve(listener: TcpListener, tls: TlsAcceptor, front: Front, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    front: Front,
+    shutdown: CancellationToken,
+) {
     let limit = Arc::new(Semaphore::new(MAX_FRONT_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -90,7 +95,9 @@ pub async fn serve(listener: TcpListener, tls: TlsAcceptor, front: Front, shutdo
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .max_buf_size(MAX_HEADER_BYTES);
-            builder.http2().max_header_list_size(MAX_HEADER_BYTES as u32);
+            builder
+                .http2()
+                .max_header_list_size(MAX_HEADER_BYTES as u32);
             if let Err(e) = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await
@@ -117,7 +124,10 @@ impl Front {
     /// `CONNECT {cluster}:443`: authenticate, authorize, open a tunnel stream, then splice.
     async fn connect(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let Some(authority) = req.uri().authority().cloned() else {
-            return text(StatusCode::BAD_REQUEST, "CONNECT needs a target of the form {cluster}:443");
+            return text(
+                StatusCode::BAD_REQUEST,
+                "CONNECT needs a target of the form {cluster}:443",
+            );
         };
         let cluster = authority.host().to_string();
         if authority.port_u16().unwrap_or(443) != 443 {
@@ -148,7 +158,9 @@ impl Front {
             }
         };
         if !caller.may_reach(&cluster) {
-            self.registry.metrics().caller_auth_failure("cluster_not_allowed");
+            self.registry
+                .metrics()
+                .caller_auth_failure("cluster_not_allowed");
             info!(%peer, %cluster, user = %caller.user, "CONNECT refused: cluster not covered by token");
             return text(
                 StatusCode::FORBIDDEN,
@@ -160,7 +172,11 @@ impl Front {
             );
         }
         let request_id = tether_proto::token::random_id();
-        let tunnel = match self.registry.open(&cluster, Target::api_server(), &request_id).await {
+        let tunnel = match self
+            .registry
+            .open(&cluster, Target::api_server(), &request_id)
+            .await
+        {
             Ok(t) => t,
             Err(e) => {
                 info!(%peer, %cluster, user = %caller.user, request_id = %request_id, error = %e, "CONNECT failed");

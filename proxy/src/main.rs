@@ -106,13 +106,20 @@ fn main() -> Result<()> {
                 .build()?
                 .block_on(serve::run(settings))
         }
-        Command::Init { state_dir, mut names } => {
+        Command::Init {
+            state_dir,
+            mut names,
+        } => {
             names.extend(["localhost".into(), "127.0.0.1".into(), "::1".into()]);
             StateDir::open(&state_dir, &names)?;
             println!("state dir {} is ready", state_dir.display());
             Ok(())
         }
-        Command::Token(TokenCommand::Agent { state_dir, cluster, ttl }) => {
+        Command::Token(TokenCommand::Agent {
+            state_dir,
+            cluster,
+            ttl,
+        }) => {
             let key = StateDir::signing_key(&state_dir)?;
             println!("{}", key.mint(&Claims::agent(&cluster, ttl)?));
             Ok(())
@@ -125,7 +132,10 @@ fn main() -> Result<()> {
             ttl,
         }) => {
             let key = StateDir::signing_key(&state_dir)?;
-            println!("{}", key.mint(&Claims::client(&user, groups, clusters, ttl)?));
+            println!(
+                "{}",
+                key.mint(&Claims::client(&user, groups, clusters, ttl)?)
+            );
             Ok(())
         }
         Command::Token(TokenCommand::Revoke { state_dir, id }) => {
@@ -135,9 +145,7 @@ fn main() -> Result<()> {
             let mut ids: Vec<_> = set.into_iter().collect();
             ids.sort();
             tether_proto::tls::write_private_file(&path, (ids.join("\n") + "\n").as_bytes())?;
-            println!(
-                "revoked {id}; send SIGHUP to running proxies (or restart them) to apply it"
-            );
+            println!("revoked {id}; send SIGHUP to running proxies (or restart them) to apply it");
             Ok(())
         }
         Command::Clusters { admin_addr, json } => clusters(&admin_addr, json),
@@ -150,18 +158,25 @@ fn clusters(admin_addr: &str, json: bool) -> Result<()> {
     let mut conn = std::net::TcpStream::connect(admin_addr)
         .with_context(|| format!("connecting to the proxy's admin address {admin_addr} (is the proxy running? set --admin-addr)"))?;
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(conn, "GET /api/v1/clusters HTTP/1.1\r\nHost: {admin_addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        conn,
+        "GET /api/v1/clusters HTTP/1.1\r\nHost: {admin_addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut resp = Vec::new();
     conn.take(16 << 20).read_to_end(&mut resp)?;
     let text = String::from_utf8_lossy(&resp);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).context("malformed admin response")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .context("malformed admin response")?;
     if json {
         println!("{body}");
         return Ok(());
     }
-    let list: Vec<serde_json::Value> = serde_json::from_str(body).context("parsing /api/v1/clusters")?;
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(body).context("parsing /api/v1/clusters")?;
     println!(
-        "{:<24} {:>6} {:<10} {:<22} {:>9} {:>8} {:>12} {:>12}",
+        "{:<24} {:>6} {:<10} {:<26} {:>9} {:>8} {:>12} {:>12}",
         "NAME", "AGENTS", "TRANSPORT", "SINCE", "RTT", "STREAMS", "BYTES-IN", "BYTES-OUT"
     );
     for c in list {
@@ -176,15 +191,19 @@ fn clusters(admin_addr: &str, json: bool) -> Result<()> {
             .map(|a| a.iter().filter_map(|t| t.as_str()).collect())
             .unwrap_or_default();
         println!(
-            "{:<24} {:>6} {:<10} {:<22} {:>7}µs {:>8} {:>12} {:>12}",
+            "{:<24} {:>6} {:<10} {:<26} {:>7}µs {:>8} {:>12} {:>12}",
             c["name"].as_str().unwrap_or("?"),
-            c["agents"],
-            if transports.is_empty() { "-".into() } else { transports.join(",") },
+            c["agents"].as_u64().unwrap_or(0),
+            if transports.is_empty() {
+                "-".into()
+            } else {
+                transports.join(",")
+            },
             since,
-            c["rttMicros"],
-            c["openStreams"],
-            c["bytesIn"],
-            c["bytesOut"],
+            c["rttMicros"].as_u64().unwrap_or(0),
+            c["openStreams"].as_u64().unwrap_or(0),
+            c["bytesIn"].as_u64().unwrap_or(0),
+            c["bytesOut"].as_u64().unwrap_or(0),
         );
     }
     Ok(())

@@ -65,7 +65,11 @@ impl Metrics {
             "Tunnel streams opened, by result",
             m.stream_opens.clone(),
         );
-        registry.register("streams_open", "Tunnel streams open now", m.streams_open.clone());
+        registry.register(
+            "streams_open",
+            "Tunnel streams open now",
+            m.streams_open.clone(),
+        );
         registry.register(
             "tunnel_bytes",
             "Bytes through tunnel streams, by direction (to_agent, from_agent)",
@@ -90,7 +94,9 @@ impl Metrics {
     }
 
     pub fn session_up(&self, cluster: &str) {
-        self.agents_connected.get_or_create(&label("cluster", cluster)).inc();
+        self.agents_connected
+            .get_or_create(&label("cluster", cluster))
+            .inc();
         self.session_transitions
             .get_or_create(&vec![
                 ("cluster".into(), cluster.into()),
@@ -100,7 +106,9 @@ impl Metrics {
     }
 
     pub fn session_down(&self, cluster: &str) {
-        self.agents_connected.get_or_create(&label("cluster", cluster)).dec();
+        self.agents_connected
+            .get_or_create(&label("cluster", cluster))
+            .dec();
         self.session_transitions
             .get_or_create(&vec![
                 ("cluster".into(), cluster.into()),
@@ -111,7 +119,9 @@ impl Metrics {
 
     /// Counts a stream open attempt by result (`ok`, `no_agent`, `rejected`, ...).
     pub fn stream_open(&self, result: &str) {
-        self.stream_opens.get_or_create(&label("result", result)).inc();
+        self.stream_opens
+            .get_or_create(&label("result", result))
+            .inc();
     }
 
     /// The gauge of open streams (inc on open, dec on close).
@@ -120,16 +130,24 @@ impl Metrics {
     }
 
     pub fn bytes(&self, to_agent: u64, from_agent: u64) {
-        self.bytes.get_or_create(&label("direction", "to_agent")).inc_by(to_agent);
-        self.bytes.get_or_create(&label("direction", "from_agent")).inc_by(from_agent);
+        self.bytes
+            .get_or_create(&label("direction", "to_agent"))
+            .inc_by(to_agent);
+        self.bytes
+            .get_or_create(&label("direction", "from_agent"))
+            .inc_by(from_agent);
     }
 
     pub fn agent_auth_failure(&self, reason: &str) {
-        self.agent_auth_failures.get_or_create(&label("reason", reason)).inc();
+        self.agent_auth_failures
+            .get_or_create(&label("reason", reason))
+            .inc();
     }
 
     pub fn caller_auth_failure(&self, reason: &str) {
-        self.caller_auth_failures.get_or_create(&label("reason", reason)).inc();
+        self.caller_auth_failures
+            .get_or_create(&label("reason", reason))
+            .inc();
     }
 
     pub fn heartbeat_rtt(&self, micros: u64) {

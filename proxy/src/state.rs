@@ -83,8 +83,10 @@ impl StateDir {
         let (cert, key) = (dir.join(CA_CERT), dir.join(CA_KEY));
         if cert.exists() && key.exists() {
             let ca = CertificateAuthority::load(
-                &std::fs::read_to_string(&cert).with_context(|| format!("reading {}", cert.display()))?,
-                &std::fs::read_to_string(&key).with_context(|| format!("reading {}", key.display()))?,
+                &std::fs::read_to_string(&cert)
+                    .with_context(|| format!("reading {}", cert.display()))?,
+                &std::fs::read_to_string(&key)
+                    .with_context(|| format!("reading {}", key.display()))?,
             )?;
             return Ok(ca);
         }
@@ -211,7 +213,10 @@ mod tests {
         assert_eq!(a.signing_key.kid(), b.signing_key.kid());
         for f in [CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, SIGNING_KEY] {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{f}");
         }
         // A new name re-issues the serving cert from the same CA.
@@ -229,7 +234,10 @@ mod tests {
         assert!(!uids.known("a"));
         uids.check_and_record("a", "uid-1").unwrap();
         uids.check_and_record("a", "uid-1").unwrap();
-        assert_eq!(uids.check_and_record("a", "uid-2"), Err("uid-1".to_string()));
+        assert_eq!(
+            uids.check_and_record("a", "uid-2"),
+            Err("uid-1".to_string())
+        );
         uids.check_and_record("a", "").unwrap();
         // Persisted across restarts.
         let again = ClusterUids::load(Some(path)).unwrap();

@@ -10,13 +10,35 @@ fn proxy() -> Command {
 fn init_then_mint_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let out = proxy().args(["init", "--state-dir"]).arg(&state).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for f in ["ca.crt", "ca.key", "server.crt", "server.key", "signing.key"] {
+    let out = proxy()
+        .args(["init", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "ca.crt",
+        "ca.key",
+        "server.crt",
+        "server.key",
+        "signing.key",
+    ] {
         assert!(state.join(f).exists(), "{f}");
     }
     let out = proxy()
-        .args(["token", "agent", "--cluster", "prod-1", "--ttl", "24h", "--state-dir"])
+        .args([
+            "token",
+            "agent",
+            "--cluster",
+            "prod-1",
+            "--ttl",
+            "24h",
+            "--state-dir",
+        ])
         .arg(&state)
         .output()
         .unwrap();
@@ -31,7 +53,11 @@ fn init_then_mint_tokens() {
 fn bad_cluster_name_is_refused_with_the_rule() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    proxy().args(["init", "--state-dir"]).arg(&state).output().unwrap();
+    proxy()
+        .args(["init", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
     let out = proxy()
         .args(["token", "agent", "--cluster", "Prod_1", "--state-dir"])
         .arg(&state)
@@ -46,7 +72,15 @@ fn bad_cluster_name_is_refused_with_the_rule() {
 fn token_without_state_dir_says_how_to_create_it() {
     let dir = tempfile::tempdir().unwrap();
     let out = proxy()
-        .args(["token", "client", "--user", "u", "--clusters", "*", "--state-dir"])
+        .args([
+            "token",
+            "client",
+            "--user",
+            "u",
+            "--clusters",
+            "*",
+            "--state-dir",
+        ])
         .arg(dir.path().join("missing"))
         .output()
         .unwrap();

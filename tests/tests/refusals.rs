@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tether_proto::frame::{read_message, write_message};
 use tether_proto::messages::{
-    hello_reply, stream_reply, Hello, HelloReply, RejectCode, StreamOpen, StreamRejectCode, StreamReply, Target,
-    Welcome,
+    hello_reply, stream_reply, Hello, HelloReply, RejectCode, StreamOpen, StreamRejectCode,
+    StreamReply, Target, Welcome,
 };
 use tether_proto::transport::{tls, SessionConfig};
 use tether_tests::harness::*;
@@ -40,22 +40,38 @@ async fn bad_agent_tokens_are_refused_with_reasons() {
     let upstream = up.addr.to_string();
     let proxy = Proxy::start(ProxyOptions::default()).await;
 
-    let forged = Agent::start_with_token(&proxy, "a", &upstream, &foreign_token(proxy.dir.path(), "a"), &[]);
+    let forged = Agent::start_with_token(
+        &proxy,
+        "a",
+        &upstream,
+        &foreign_token(proxy.dir.path(), "a"),
+        &[],
+    );
     let expired_token = proxy.token(&["agent", "--cluster", "b", "--ttl", "1s"]);
     let wrong = Agent::start_with_token(&proxy, "c", &upstream, &proxy.agent_token("a"), &[]);
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let expired = Agent::start_with_token(&proxy, "b", &upstream, &expired_token, &[]);
 
     assert!(
-        forged.process.wait_for_log("signature does not verify", WAIT).await,
+        forged
+            .process
+            .wait_for_log("signature does not verify", WAIT)
+            .await,
         "{}",
         forged.log()
     );
-    assert!(expired.process.wait_for_log("expired", WAIT).await, "{}", expired.log());
+    assert!(
+        expired.process.wait_for_log("expired", WAIT).await,
+        "{}",
+        expired.log()
+    );
     assert!(
         wrong
             .process
-            .wait_for_log(r#"agent token is for cluster "a", but the agent says it is cluster "c""#, WAIT)
+            .wait_for_log(
+                r#"agent token is for cluster "a", but the agent says it is cluster "c""#,
+                WAIT
+            )
             .await,
         "{}",
         wrong.log()
@@ -63,7 +79,9 @@ async fn bad_agent_tokens_are_refused_with_reasons() {
     let metrics = proxy.metrics();
     for reason in ["bad_signature", "expired", "wrong_cluster"] {
         assert!(
-            metrics.contains(&format!("tether_agent_auth_failures_total{{reason=\"{reason}\"}}")),
+            metrics.contains(&format!(
+                "tether_agent_auth_failures_total{{reason=\"{reason}\"}}"
+            )),
             "{reason}: {metrics}"
         );
     }
@@ -85,7 +103,9 @@ async fn hostile_bytes_and_protocol_errors_are_refused() {
 
     // Plain garbage instead of TLS.
     let mut tcp = tokio::net::TcpStream::connect(&agent_addr).await.unwrap();
-    tcp.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 1, 2, 3]).await.unwrap();
+    tcp.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 1, 2, 3])
+        .await
+        .unwrap();
     let _ = drain(&mut tcp, Duration::from_secs(5)).await;
 
     // Valid TLS, then garbage instead of a multiplexed session.
@@ -101,7 +121,9 @@ async fn hostile_bytes_and_protocol_errors_are_refused() {
 
     // A session whose first frame claims 1 MiB: refused before allocation, with the reason.
     let cfg = SessionConfig::default();
-    let session = tls::connect(&agent_addr, "localhost", Arc::new(config.clone()), &cfg).await.unwrap();
+    let session = tls::connect(&agent_addr, "localhost", Arc::new(config.clone()), &cfg)
+        .await
+        .unwrap();
     let mut control = session.handle.open_stream().await.unwrap();
     let mut huge = Vec::new();
     prost::encoding::encode_varint(1 << 20, &mut huge);
@@ -117,7 +139,9 @@ async fn hostile_bytes_and_protocol_errors_are_refused() {
     }
 
     // An unsupported protocol version: the Reject says which versions the proxy speaks.
-    let session = tls::connect(&agent_addr, "localhost", Arc::new(config), &cfg).await.unwrap();
+    let session = tls::connect(&agent_addr, "localhost", Arc::new(config), &cfg)
+        .await
+        .unwrap();
     let mut control = session.handle.open_stream().await.unwrap();
     let hello = Hello {
         protocol_version: 9,
@@ -139,7 +163,9 @@ async fn hostile_bytes_and_protocol_errors_are_refused() {
     let metrics = proxy.metrics();
     for reason in ["tls_handshake", "protocol_error", "unsupported_version"] {
         assert!(
-            metrics.contains(&format!("tether_agent_auth_failures_total{{reason=\"{reason}\"}}")),
+            metrics.contains(&format!(
+                "tether_agent_auth_failures_total{{reason=\"{reason}\"}}"
+            )),
             "{reason}: {metrics}"
         );
     }
@@ -156,27 +182,46 @@ async fn agent_dials_only_its_upstream_and_allowlist() {
     let dir = tempfile::tempdir().unwrap();
     let ca = tether_proto::tls::CertificateAuthority::generate("test proxy").unwrap();
     let leaf = ca
-        .issue_server(&["localhost".into(), "127.0.0.1".into()], Duration::from_secs(3600))
+        .issue_server(
+            &["localhost".into(), "127.0.0.1".into()],
+            Duration::from_secs(3600),
+        )
         .unwrap();
-    let sc = tether_proto::tls::server_config(&leaf.cert_pem, &leaf.key_pem, &[tether_proto::ALPN], None).unwrap();
-    let listener = tls::TlsListener::bind("127.0.0.1:0", Arc::new(sc)).await.unwrap();
+    let sc = tether_proto::tls::server_config(
+        &leaf.cert_pem,
+        &leaf.key_pem,
+        &[tether_proto::ALPN],
+        None,
+    )
+    .unwrap();
+    let listener = tls::TlsListener::bind("127.0.0.1:0", Arc::new(sc))
+        .await
+        .unwrap();
     let port = listener.local_addr().unwrap().port();
     std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
     std::fs::write(dir.path().join("token"), "not checked by this test proxy").unwrap();
 
     let dead_port = free_port();
     let mut cmd = Command::new(bin("tether-agent"));
-    cmd.args(["--proxy", &format!("tls://127.0.0.1:{port}"), "--cluster", "a"])
-        .arg("--token-file")
-        .arg(dir.path().join("token"))
-        .arg("--ca-file")
-        .arg(dir.path().join("ca.crt"))
-        .args(["--upstream", &upstream.addr.to_string()])
-        .args(["--allow", &allowed.addr.to_string()])
-        .args(["--allow", &format!("127.0.0.1:{dead_port}")]);
+    cmd.args([
+        "--proxy",
+        &format!("tls://127.0.0.1:{port}"),
+        "--cluster",
+        "a",
+    ])
+    .arg("--token-file")
+    .arg(dir.path().join("token"))
+    .arg("--ca-file")
+    .arg(dir.path().join("ca.crt"))
+    .args(["--upstream", &upstream.addr.to_string()])
+    .args(["--allow", &allowed.addr.to_string()])
+    .args(["--allow", &format!("127.0.0.1:{dead_port}")]);
     let _agent = Process::spawn(&mut cmd, dir.path().join("agent.log"));
 
-    let (tcp, peer) = tokio::time::timeout(WAIT, listener.accept()).await.unwrap().unwrap();
+    let (tcp, peer) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
     let mut session = listener
         .handshaker()
         .handshake(tcp, peer, &SessionConfig::default())
@@ -219,8 +264,14 @@ async fn agent_dials_only_its_upstream_and_allowlist() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(matches!(ask(Target::address(allowed.addr.to_string())).await, stream_reply::Reply::Accept(_)));
-    assert!(matches!(ask(Target::api_server()).await, stream_reply::Reply::Accept(_)));
+    assert!(matches!(
+        ask(Target::address(allowed.addr.to_string())).await,
+        stream_reply::Reply::Accept(_)
+    ));
+    assert!(matches!(
+        ask(Target::api_server()).await,
+        stream_reply::Reply::Accept(_)
+    ));
     match ask(Target::address(format!("127.0.0.1:{dead_port}"))).await {
         stream_reply::Reply::Reject(r) => {
             assert_eq!(r.code, StreamRejectCode::Unreachable as i32);
@@ -246,25 +297,35 @@ async fn connect_refusals_carry_status_and_reason() {
     assert!(body.contains("no credentials"), "{body}");
 
     let foreign = foreign_token(proxy.dir.path(), "a");
-    let (code, body) = connect_via_front(&proxy, "a", Some(&format!("Bearer {foreign}"))).await.refused();
+    let (code, body) = connect_via_front(&proxy, "a", Some(&format!("Bearer {foreign}")))
+        .await
+        .refused();
     assert_eq!(code, 407);
     assert!(body.contains("signature"), "{body}");
 
     let agent_token = proxy.agent_token("a");
-    let (code, body) = connect_via_front(&proxy, "a", Some(&format!("Bearer {agent_token}"))).await.refused();
+    let (code, body) = connect_via_front(&proxy, "a", Some(&format!("Bearer {agent_token}")))
+        .await
+        .refused();
     assert_eq!(code, 407, "an agent token is not a client token: {body}");
 
     let only_b = proxy.client_token("bob", "b");
-    let (code, body) = connect_via_front(&proxy, "a", Some(&format!("Bearer {only_b}"))).await.refused();
+    let (code, body) = connect_via_front(&proxy, "a", Some(&format!("Bearer {only_b}")))
+        .await
+        .refused();
     assert_eq!(code, 403);
     assert!(body.contains("may not reach cluster \"a\""), "{body}");
 
     let all = format!("Bearer {}", proxy.client_token("root", "*"));
-    let (code, body) = connect_via_front(&proxy, "never-seen", Some(&all)).await.refused();
+    let (code, body) = connect_via_front(&proxy, "never-seen", Some(&all))
+        .await
+        .refused();
     assert_eq!(code, 404);
     assert!(body.contains("not known"), "{body}");
 
-    let (code, body) = connect_via_front(&proxy, "down", Some(&auth)).await.refused();
+    let (code, body) = connect_via_front(&proxy, "down", Some(&auth))
+        .await
+        .refused();
     assert_eq!(code, 502);
     assert!(body.contains("could not connect"), "{body}");
 
@@ -272,9 +333,18 @@ async fn connect_refusals_carry_status_and_reason() {
     assert!(proxy.wait_agents("a", 0, WAIT).await);
     let (code, body) = connect_via_front(&proxy, "a", Some(&auth)).await.refused();
     assert_eq!(code, 503);
-    assert!(body.contains("no agent of cluster \"a\" is connected (disconnected since"), "{body}");
+    assert!(
+        body.contains("no agent of cluster \"a\" is connected (disconnected since"),
+        "{body}"
+    );
 
     let metrics = proxy.metrics();
-    assert!(metrics.contains("tether_caller_auth_failures_total{reason=\"missing\"} 1"), "{metrics}");
-    assert!(metrics.contains("tether_caller_auth_failures_total{reason=\"cluster_not_allowed\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("tether_caller_auth_failures_total{reason=\"missing\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tether_caller_auth_failures_total{reason=\"cluster_not_allowed\"} 1"),
+        "{metrics}"
+    );
 }

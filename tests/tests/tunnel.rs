@@ -38,17 +38,28 @@ async fn connect_routes_each_cluster_to_its_own_agent_with_tls_end_to_end() {
         &base64::engine::general_purpose::STANDARD,
         format!("alice:{token}"),
     );
-    let tunnel = connect_via_front(&proxy, "b", Some(&format!("Basic {basic}"))).await.tunnel();
+    let tunnel = connect_via_front(&proxy, "b", Some(&format!("Basic {basic}")))
+        .await
+        .tunnel();
     assert_eq!(up_b.client(tunnel).await.0, "cluster-b");
 
     // Status and metrics reflect it.
     let a = proxy.cluster("a").unwrap();
     assert_eq!(a["connected"], true);
-    assert!(a["bytesIn"].as_u64().unwrap() > 0 && a["bytesOut"].as_u64().unwrap() > 0, "{a}");
+    assert!(
+        a["bytesIn"].as_u64().unwrap() > 0 && a["bytesOut"].as_u64().unwrap() > 0,
+        "{a}"
+    );
     assert_eq!(a["transports"][0], "tls+yamux");
     let metrics = proxy.metrics();
-    assert!(metrics.contains("tether_agents_connected{cluster=\"a\"} 1"), "{metrics}");
-    assert!(metrics.contains("tether_stream_opens_total{result=\"ok\"} 4"), "{metrics}");
+    assert!(
+        metrics.contains("tether_agents_connected{cluster=\"a\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tether_stream_opens_total{result=\"ok\"} 4"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,14 +72,19 @@ async fn expose_listener_splices_plain_tcp_to_the_cluster() {
     .await;
     let _a = Agent::start(&proxy, "a", &up.addr.to_string(), &[]);
     assert!(proxy.wait_agents("a", 1, WAIT).await);
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.exposed_port("a"))).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.exposed_port("a")))
+        .await
+        .unwrap();
     let (banner, mut tls) = up.client(tcp).await;
     assert_eq!(banner, "exposed");
     tls.write_all(b"x").await.unwrap();
     let mut b = [0u8; 1];
     tls.read_exact(&mut b).await.unwrap();
     let listeners = &proxy.cluster("a").unwrap()["listeners"];
-    assert_eq!(listeners[0], format!("127.0.0.1:{}", proxy.exposed_port("a")));
+    assert_eq!(
+        listeners[0],
+        format!("127.0.0.1:{}", proxy.exposed_port("a"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,11 +100,20 @@ async fn agent_returns_after_proxy_restart_and_traffic_flows() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let restarted = Instant::now();
     proxy.launch().await;
-    assert!(proxy.wait_agents("a", 1, Duration::from_secs(10)).await, "{}", proxy.log());
+    assert!(
+        proxy.wait_agents("a", 1, Duration::from_secs(10)).await,
+        "{}",
+        proxy.log()
+    );
     let back_after = restarted.elapsed();
-    assert!(back_after < Duration::from_secs(5), "agent took {back_after:?} to return");
+    assert!(
+        back_after < Duration::from_secs(5),
+        "agent took {back_after:?} to return"
+    );
 
-    let mut t = connect_via_front(&proxy, "a", Some(&format!("Bearer {token}"))).await.tunnel();
+    let mut t = connect_via_front(&proxy, "a", Some(&format!("Bearer {token}")))
+        .await
+        .tunnel();
     t.write_all(b"after restart").await.unwrap();
     let mut buf = [0u8; 13];
     t.read_exact(&mut buf).await.unwrap();
@@ -144,7 +169,11 @@ async fn missed_heartbeats_mark_the_cluster_disconnected() {
     let gone = proxy.wait_agents("a", 0, Duration::from_secs(10)).await;
     let took = stopped.elapsed();
     a.process.signal("CONT");
-    assert!(gone, "session not closed after missed heartbeats:\n{}", proxy.log());
+    assert!(
+        gone,
+        "session not closed after missed heartbeats:\n{}",
+        proxy.log()
+    );
     // Three intervals plus one tick of slack.
     assert!(took < Duration::from_millis(300 * 5 + 500), "took {took:?}");
     assert!(proxy.log().contains("no heartbeat"), "{}", proxy.log());
@@ -187,7 +216,12 @@ async fn a_stalled_stream_does_not_slow_another_on_the_same_agent() {
 async fn agent_drains_on_sigterm_and_exits_zero() {
     let source = TcpSourceUpstream::start(8 << 20).await;
     let proxy = Proxy::start(ProxyOptions::default()).await;
-    let mut a = Agent::start(&proxy, "a", &source.addr.to_string(), &["--drain-timeout", "10s"]);
+    let mut a = Agent::start(
+        &proxy,
+        "a",
+        &source.addr.to_string(),
+        &["--drain-timeout", "10s"],
+    );
     assert!(proxy.wait_agents("a", 1, WAIT).await);
     let auth = format!("Bearer {}", proxy.client_token("alice", "a"));
     let mut s = connect_via_front(&proxy, "a", Some(&auth)).await.tunnel();
@@ -199,6 +233,10 @@ async fn agent_drains_on_sigterm_and_exits_zero() {
     let (n, ended) = drain(&mut s, Duration::from_secs(10)).await;
     assert!(ended);
     assert_eq!(n + 1024, 8 << 20);
-    let status = a.process.wait_exit(Duration::from_secs(15)).await.expect("agent exits");
+    let status = a
+        .process
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("agent exits");
     assert!(status.success(), "{status:?}\n{}", a.log());
 }

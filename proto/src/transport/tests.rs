@@ -22,7 +22,9 @@ async fn pair_with(agent_cfg: SessionConfig, proxy_cfg: SessionConfig) -> (Sessi
         .unwrap();
     let sc = server_config(&leaf.cert_pem, &leaf.key_pem, &[crate::ALPN], None).unwrap();
     let cc = client_config(ca.cert_pem(), &[crate::ALPN], None).unwrap();
-    let listener = TlsListener::bind("127.0.0.1:0", Arc::new(sc)).await.unwrap();
+    let listener = TlsListener::bind("127.0.0.1:0", Arc::new(sc))
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let accept = tokio::spawn(async move {
         let (tcp, peer) = listener.accept().await.unwrap();
@@ -32,7 +34,9 @@ async fn pair_with(agent_cfg: SessionConfig, proxy_cfg: SessionConfig) -> (Sessi
             .await
             .unwrap()
     });
-    let agent = connect(&addr, "localhost", Arc::new(cc), &agent_cfg).await.unwrap();
+    let agent = connect(&addr, "localhost", Arc::new(cc), &agent_cfg)
+        .await
+        .unwrap();
     let proxy = accept.await.unwrap();
     (agent, proxy)
 }
@@ -80,7 +84,10 @@ async fn stream_limit_refuses_one_stream_not_the_session() {
         open.push(proxy.handle.open_stream().await.unwrap());
     }
     let err = proxy.handle.open_stream().await.unwrap_err();
-    assert!(matches!(err, SessionError::StreamLimit { limit: 4 }), "{err}");
+    assert!(
+        matches!(err, SessionError::StreamLimit { limit: 4 }),
+        "{err}"
+    );
     assert_eq!(proxy.handle.open_streams(), 4);
     // Existing streams still work, and closing one frees a place.
     let mut s = open.pop().unwrap();
@@ -97,8 +104,11 @@ async fn stream_limit_refuses_one_stream_not_the_session() {
 
 #[tokio::test]
 async fn peer_beyond_our_limit_gets_its_stream_closed_only() {
-    let (agent, proxy) =
-        pair_with(SessionConfig { max_streams: 2 }, SessionConfig { max_streams: 10 }).await;
+    let (agent, proxy) = pair_with(
+        SessionConfig { max_streams: 2 },
+        SessionConfig { max_streams: 10 },
+    )
+    .await;
     let mut incoming = agent.incoming;
     let mut held = Vec::new();
     let mut opened = Vec::new();

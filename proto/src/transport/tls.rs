@@ -45,16 +45,19 @@ pub async fn connect(
     })?;
     let name = ServerName::try_from(server_name.to_string())
         .map_err(|e| SessionError::Config(format!("invalid server name {server_name:?}: {e}")))?;
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(config).connect(name, tcp))
-        .await
-        .map_err(|_| SessionError::Handshake {
-            peer: addr.into(),
-            source: std::io::ErrorKind::TimedOut.into(),
-        })?
-        .map_err(|source| SessionError::Handshake {
-            peer: addr.into(),
-            source,
-        })?;
+    let tls = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| SessionError::Handshake {
+        peer: addr.into(),
+        source: std::io::ErrorKind::TimedOut.into(),
+    })?
+    .map_err(|source| SessionError::Handshake {
+        peer: addr.into(),
+        source,
+    })?;
     let info = SessionInfo {
         transport: TRANSPORT_NAME,
         peer,

@@ -112,6 +112,10 @@ where
     }
     parts.closed.cancel();
     // Say goodbye politely, but never wait long for a peer that is gone.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), poll_fn(|cx| conn.poll_close(cx))).await;
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        poll_fn(|cx| conn.poll_close(cx)),
+    )
+    .await;
     parts.open_rx.close();
 }
