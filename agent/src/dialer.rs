@@ -13,7 +13,6 @@
 //! streams until they finish. On SIGTERM the agent refuses new streams, tells the proxy
 //! `GoAway`, lets open streams finish for the drain timeout, and returns.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,15 +25,133 @@ use tracing::{error, info, warn};
 
 use tether_proto::frame::{read_message, write_message, FrameError, DEFAULT_MAX_FRAME};
 use tether_proto::messages::{control_message, hello_reply, ControlMessage, Hello, HelloReply, RejectCode, Welcome};
-use tether_proto::transport::{tls, MuxStream, Session, SessionConfig};
+use tether_proto::transport::{quic, tls, MuxStream, Session, SessionConfig, SessionError};
 
-use crate::settings::Settings;
+use crate::kube::KubeUpstream;
+use crate::settings::{ProxyTransport, Settings};
 use crate::streams::{self, StreamContext};
 
 /// Time the proxy has to answer `Hello`.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// A session up this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// `auto://`: how long QUIC has to come up before the agent dials TLS instead.
+pub const AUTO_QUIC_TIMEOUT: Duration = Duration::from_millis(2500);
+/// `auto://` on TLS: every this many dials, try QUIC first again...
+pub const RETRY_QUIC_EVERY: u32 = 10;
+/// ... and at the first dial after this long on TLS.
+pub const RETRY_QUIC_AFTER: Duration = Duration::from_secs(600);
+
+/// The transports one dial tries, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    Tls,
+    Quic,
+    /// QUIC, and TLS if QUIC is not up within [`AUTO_QUIC_TIMEOUT`].
+    QuicThenTls,
+}
+
+impl std::fmt::Display for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Plan::Tls => "tls",
+            Plan::Quic => "quic",
+            Plan::QuicThenTls => "quic, then tls",
+        })
+    }
+}
+
+/// Picks the transport of each dial. For `auto://` it remembers what worked: QUIC while QUIC
+/// comes up; TLS once QUIC did not and TLS did, trying QUIC first again on every
+/// [`RETRY_QUIC_EVERY`]th dial, after [`RETRY_QUIC_AFTER`] on TLS, and whenever TLS itself
+/// fails (the proxy may have moved or restarted with QUIC on).
+#[derive(Debug)]
+pub struct TransportChooser {
+    transport: ProxyTransport,
+    /// Since when TLS is used because QUIC did not come up, and dials made since.
+    on_tls: Option<(Instant, u32)>,
+    /// QUIC came up but the session failed before `Welcome`: dial TLS once.
+    tls_next: bool,
+}
+
+impl TransportChooser {
+    pub fn new(transport: ProxyTransport) -> Self {
+        TransportChooser {
+            transport,
+            on_tls: None,
+            tls_next: false,
+        }
+    }
+
+    /// The plan of the next dial.
+    pub fn plan(&mut self) -> Plan {
+        match self.transport {
+            ProxyTransport::Tls => Plan::Tls,
+            ProxyTransport::Quic => Plan::Quic,
+            ProxyTransport::Auto if std::mem::take(&mut self.tls_next) => Plan::Tls,
+            ProxyTransport::Auto => match &mut self.on_tls {
+                None => Plan::QuicThenTls,
+                Some((since, dials)) => {
+                    *dials += 1;
+                    if *dials % RETRY_QUIC_EVERY == 0 || since.elapsed() >= RETRY_QUIC_AFTER {
+                        Plan::QuicThenTls
+                    } else {
+                        Plan::Tls
+                    }
+                }
+            },
+        }
+    }
+
+    /// The proxy answered `Hello` (`Welcome` or `Reject`) over `transport` (a [`SessionInfo`]
+    /// transport name): the transport works.
+    ///
+    /// [`SessionInfo`]: tether_proto::transport::SessionInfo
+    pub fn worked(&mut self, transport: &str) {
+        if self.transport != ProxyTransport::Auto {
+            return;
+        }
+        if transport == quic::TRANSPORT_NAME {
+            if self.on_tls.take().is_some() {
+                info!("QUIC comes up again; auto:// uses QUIC from now on");
+            }
+            return;
+        }
+        match &mut self.on_tls {
+            None => {
+                warn!(
+                    quic_timeout_ms = AUTO_QUIC_TIMEOUT.as_millis() as u64,
+                    retry_every = RETRY_QUIC_EVERY,
+                    retry_after_s = RETRY_QUIC_AFTER.as_secs(),
+                    "QUIC did not come up (UDP blocked, or QUIC off on the proxy?); auto:// uses TLS \
+                     and tries QUIC again every {RETRY_QUIC_EVERY}th connection or after {} minutes",
+                    RETRY_QUIC_AFTER.as_secs() / 60
+                );
+                self.on_tls = Some((Instant::now(), 0));
+            }
+            // QUIC was tried again and did not come up: the next timed try is a while off.
+            Some((since, _)) => *since = Instant::now(),
+        }
+    }
+
+    /// No transport of the plan could be dialed.
+    pub fn dial_failed(&mut self) {
+        // What worked no longer does: start over with QUIC first.
+        self.on_tls = None;
+    }
+
+    /// A session over `transport` came up but failed before `Welcome` (not a `Reject`).
+    pub fn session_failed(&mut self, transport: &str) {
+        if self.transport != ProxyTransport::Auto {
+            return;
+        }
+        if transport == quic::TRANSPORT_NAME {
+            self.tls_next = true;
+        } else {
+            self.on_tls = None;
+        }
+    }
+}
 
 /// Exponential backoff with full jitter.
 #[derive(Debug)]
@@ -98,16 +215,37 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     let ctx = Arc::new(StreamContext {
         upstream: settings.upstream.clone(),
         allow: settings.allow.clone(),
-        draining: AtomicBool::new(false),
+        draining: CancellationToken::new(),
+        kube: match &settings.kube {
+            Some(creds) => Some(Arc::new(
+                KubeUpstream::new(&settings.upstream, creds.clone(), settings.identity)
+                    .context("setting up the kube gateway handler")?,
+            )),
+            None => {
+                info!("no API server credentials configured: the kube gateway is off for this agent");
+                None
+            }
+        },
     });
     info!(
         cluster = %settings.cluster, agent_id = %settings.agent_id, proxy = %settings.proxy_addr,
-        upstream = %settings.upstream, allow = ?settings.allow, "tether-agent starting"
+        transport = %settings.transport, upstream = %settings.upstream, allow = ?settings.allow,
+        "tether-agent starting"
     );
     let mut backoff = Backoff::default();
+    let mut chooser = TransportChooser::new(settings.transport);
     loop {
         // `attempt` watches `shutdown` itself, so that a running session can drain.
-        let outcome = attempt(&settings, &cluster_uid, &client_tls, &session_cfg, &ctx, &shutdown).await;
+        let outcome = attempt(
+            &settings,
+            &cluster_uid,
+            &client_tls,
+            &session_cfg,
+            &ctx,
+            &mut chooser,
+            &shutdown,
+        )
+        .await;
         let wait = match outcome {
             Outcome::Shutdown => return Ok(()),
             Outcome::Unreachable => backoff.next(UNREACHABLE_CAP),
@@ -150,20 +288,24 @@ async fn attempt(
     client_tls: &Arc<rustls::ClientConfig>,
     session_cfg: &SessionConfig,
     ctx: &Arc<StreamContext>,
+    chooser: &mut TransportChooser,
     shutdown: &CancellationToken,
 ) -> Outcome {
-    let connect = tls::connect(&settings.proxy_addr, &settings.server_name, client_tls.clone(), session_cfg);
+    let plan = chooser.plan();
+    let connect = dial(settings, client_tls, session_cfg, plan);
     let session = match tokio::select! {
         s = connect => s,
         _ = shutdown.cancelled() => return Outcome::Shutdown,
     } {
         Ok(s) => s,
         Err(e) => {
-            warn!(proxy = %settings.proxy_addr, error = %e, "cannot reach the proxy");
+            warn!(proxy = %settings.proxy_addr, transport = %plan, error = %e, "cannot reach the proxy");
+            chooser.dial_failed();
             return Outcome::Unreachable;
         }
     };
     let Session { handle, incoming } = session;
+    let transport = handle.info().transport;
     let greeting = tokio::select! {
         h = hello(settings, cluster_uid, &handle) => h,
         _ = shutdown.cancelled() => {
@@ -175,20 +317,23 @@ async fn attempt(
         Ok(pair) => pair,
         Err(HelloError::Rejected { code, reason }) => {
             error!(cluster = %settings.cluster, ?code, %reason, "the proxy refused this agent");
+            chooser.worked(transport);
             handle.close();
             return Outcome::Rejected;
         }
         Err(HelloError::Other(e)) => {
-            warn!(error = %format!("{e:#}"), "handshake with the proxy failed");
+            warn!(error = %format!("{e:#}"), transport, "handshake with the proxy failed");
+            chooser.session_failed(transport);
             handle.close();
             return Outcome::Unreachable;
         }
     };
+    chooser.worked(transport);
     let started = Instant::now();
     let heartbeat = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
     info!(
         cluster = %settings.cluster, agent_id = %settings.agent_id, proxy_id = %welcome.proxy_id,
-        session_id = %welcome.session_id, transport = handle.info().transport, "connected to the proxy"
+        session_id = %welcome.session_id, transport, "connected to the proxy"
     );
     let tracker = TaskTracker::new();
     let acceptor = tokio::spawn(streams::serve(incoming, ctx.clone(), tracker.clone()));
@@ -251,7 +396,7 @@ async fn attempt(
             }
         }
         End::Shutdown => {
-            ctx.draining.store(true, Ordering::Relaxed);
+            ctx.draining.cancel();
             let _ = write_message(&mut wr, &ControlMessage::go_away("agent is shutting down", 0)).await;
             tracker.close();
             info!(open = tracker.len(), drain_timeout = ?settings.drain_timeout, "draining open streams");
@@ -261,6 +406,38 @@ async fn attempt(
             handle.close();
             acceptor.abort();
             Outcome::Shutdown
+        }
+    }
+}
+
+/// Dials the proxy over the transports of `plan`.
+async fn dial(
+    settings: &Settings,
+    client_tls: &Arc<rustls::ClientConfig>,
+    session_cfg: &SessionConfig,
+    plan: Plan,
+) -> Result<Session, SessionError> {
+    let (addr, name) = (settings.proxy_addr.as_str(), settings.server_name.as_str());
+    let tls = || tls::connect(addr, name, client_tls.clone(), session_cfg);
+    match plan {
+        Plan::Tls => tls().await,
+        Plan::Quic => quic::connect(addr, name, client_tls.clone(), session_cfg).await,
+        Plan::QuicThenTls => {
+            let quic = quic::connect(addr, name, client_tls.clone(), session_cfg);
+            match tokio::time::timeout(AUTO_QUIC_TIMEOUT, quic).await {
+                Ok(Ok(session)) => Ok(session),
+                Ok(Err(e)) => {
+                    info!(proxy = %addr, error = %e, "QUIC failed; dialing TLS");
+                    tls().await
+                }
+                Err(_) => {
+                    info!(
+                        proxy = %addr, timeout_ms = AUTO_QUIC_TIMEOUT.as_millis() as u64,
+                        "QUIC did not come up in time; dialing TLS"
+                    );
+                    tls().await
+                }
+            }
         }
     }
 }
@@ -335,6 +512,53 @@ async fn hello(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_prefers_quic_falls_back_to_tls_and_tries_quic_again() {
+        let mut c = TransportChooser::new(ProxyTransport::Auto);
+        assert_eq!(c.plan(), Plan::QuicThenTls);
+        // QUIC did not come up, TLS did: TLS from now on, QUIC first on every 10th dial.
+        c.worked(tls::TRANSPORT_NAME);
+        let plans: Vec<Plan> = (0..2 * RETRY_QUIC_EVERY).map(|_| c.plan()).collect();
+        let retries: Vec<usize> = (0..plans.len())
+            .filter(|&i| plans[i] == Plan::QuicThenTls)
+            .collect();
+        assert_eq!(retries, vec![9, 19], "{plans:?}");
+        // ... and at the first dial after ten minutes on TLS.
+        c.on_tls = Some((Instant::now() - RETRY_QUIC_AFTER, 0));
+        assert_eq!(c.plan(), Plan::QuicThenTls);
+        // A retry where QUIC still does not come up restarts the clock.
+        c.worked(tls::TRANSPORT_NAME);
+        assert_eq!(c.plan(), Plan::Tls);
+        // QUIC works again.
+        c.on_tls = Some((Instant::now() - RETRY_QUIC_AFTER, 0));
+        assert_eq!(c.plan(), Plan::QuicThenTls);
+        c.worked(quic::TRANSPORT_NAME);
+        assert_eq!(c.plan(), Plan::QuicThenTls);
+        // TLS that stops working sends the next dial to QUIC first.
+        c.worked(tls::TRANSPORT_NAME);
+        assert_eq!(c.plan(), Plan::Tls);
+        c.dial_failed();
+        assert_eq!(c.plan(), Plan::QuicThenTls);
+        // QUIC that comes up but fails before Welcome: TLS next, once.
+        c.session_failed(quic::TRANSPORT_NAME);
+        assert_eq!(c.plan(), Plan::Tls);
+        assert_eq!(c.plan(), Plan::QuicThenTls);
+    }
+
+    #[test]
+    fn fixed_transports_never_change() {
+        for (t, plan) in [
+            (ProxyTransport::Tls, Plan::Tls),
+            (ProxyTransport::Quic, Plan::Quic),
+        ] {
+            let mut c = TransportChooser::new(t);
+            c.worked(tls::TRANSPORT_NAME);
+            c.session_failed(quic::TRANSPORT_NAME);
+            c.dial_failed();
+            assert!((0..20).all(|_| c.plan() == plan));
+        }
+    }
 
     #[test]
     fn backoff_is_bounded_and_resets() {

@@ -9,7 +9,8 @@ use clap::Args;
 /// Flags of `tether-agent`.
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// Proxy to dial: tls://HOST:PORT.
+    /// Proxy to dial: tls://HOST:PORT (TLS over TCP), quic://HOST:PORT (QUIC over UDP), or
+    /// auto://HOST:PORT (QUIC, falling back to TLS where UDP does not get through).
     #[arg(long, env = "TETHER_PROXY")]
     pub proxy: String,
     /// This member cluster's name (as the agent token says).
@@ -39,6 +40,24 @@ pub struct AgentArgs {
     /// Labels sent to the proxy, k=v (repeatable; comma-separated in env).
     #[arg(long = "label", env = "TETHER_LABELS", value_delimiter = ',')]
     pub labels: Vec<String>,
+    /// CA (PEM) that signed the API server's certificate, for the kube gateway
+    /// [default in a pod: the ServiceAccount's ca.crt].
+    #[arg(long, env = "TETHER_UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<PathBuf>,
+    /// Bearer token file for the API server, re-read as it rotates
+    /// [default in a pod: the ServiceAccount token].
+    #[arg(long, env = "TETHER_UPSTREAM_TOKEN_FILE")]
+    pub upstream_token_file: Option<PathBuf>,
+    /// Client certificate (PEM) for the API server, with --upstream-client-key.
+    #[arg(long, env = "TETHER_UPSTREAM_CLIENT_CERT", requires = "upstream_client_key")]
+    pub upstream_client_cert: Option<PathBuf>,
+    /// Client key (PEM) for the API server.
+    #[arg(long, env = "TETHER_UPSTREAM_CLIENT_KEY", requires = "upstream_client_cert")]
+    pub upstream_client_key: Option<PathBuf>,
+    /// How gateway callers reach the API server: impersonate the verified caller, or act as
+    /// the agent itself.
+    #[arg(long, env = "TETHER_IDENTITY", value_enum, default_value = "impersonate")]
+    pub identity: crate::kube::IdentityMode,
     /// On SIGTERM, how long open streams may take to finish.
     #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -52,6 +71,8 @@ pub struct AgentArgs {
 pub struct Settings {
     /// `host:port` of the proxy.
     pub proxy_addr: String,
+    /// How to reach it: the scheme of `--proxy`.
+    pub transport: ProxyTransport,
     pub server_name: String,
     pub cluster: String,
     pub token_file: PathBuf,
@@ -65,20 +86,16 @@ pub struct Settings {
     pub labels: Vec<(String, String)>,
     pub drain_timeout: Duration,
     pub max_streams: usize,
+    /// Credentials for the kube gateway; `None` when none are configured (gateway streams are
+    /// then refused with the reason).
+    pub kube: Option<crate::kube::KubeCredentials>,
+    pub identity: crate::kube::IdentityMode,
 }
 
 impl AgentArgs {
     pub fn resolve(self) -> Result<Settings> {
         tether_proto::name::validate_cluster_name(&self.cluster).map_err(anyhow::Error::msg)?;
-        let (scheme, rest) = self
-            .proxy
-            .split_once("://")
-            .with_context(|| format!("--proxy {:?}: expected tls://HOST:PORT", self.proxy))?;
-        if scheme != "tls" {
-            bail!("--proxy {:?}: this agent speaks tls:// (QUIC is not built yet)", self.proxy);
-        }
-        let (host, port) = split_host_port(rest, None)
-            .with_context(|| format!("--proxy {:?}: expected tls://HOST:PORT", self.proxy))?;
+        let (transport, host, port) = parse_proxy(&self.proxy)?;
         let ca_pem = std::fs::read_to_string(&self.ca_file)
             .with_context(|| format!("reading --ca-file {}", self.ca_file.display()))?;
         tether_proto::tls::parse_certs(&ca_pem, "--ca-file")?;
@@ -101,8 +118,12 @@ impl AgentArgs {
             let (h, p) = split_host_port(a, None).with_context(|| format!("--allow {a:?}: expected HOST:PORT"))?;
             allow.push(join_host_port(&h.to_ascii_lowercase(), p));
         }
+        let kube = self.kube_credentials()?;
         Ok(Settings {
+            kube,
+            identity: self.identity,
             proxy_addr: join_host_port(&host, port),
+            transport,
             server_name: self.server_name.unwrap_or(host),
             cluster: self.cluster,
             token_file: self.token_file,
@@ -116,6 +137,78 @@ impl AgentArgs {
             max_streams: self.max_streams,
         })
     }
+}
+
+impl AgentArgs {
+    /// The kube gateway's credentials: flags first, then the pod's ServiceAccount.
+    fn kube_credentials(&self) -> Result<Option<crate::kube::KubeCredentials>> {
+        let sa = std::path::Path::new(crate::incluster::SERVICE_ACCOUNT_DIR);
+        let in_pod = crate::incluster::api_server_addr().is_some() && self.upstream.is_none();
+        let ca_file = self
+            .upstream_ca_file
+            .clone()
+            .or_else(|| in_pod.then(|| sa.join("ca.crt")));
+        let Some(ca_file) = ca_file else {
+            return Ok(None);
+        };
+        let ca_pem = std::fs::read_to_string(&ca_file)
+            .with_context(|| format!("reading the API server CA {}", ca_file.display()))?;
+        tether_proto::tls::parse_certs(&ca_pem, "--upstream-ca-file")?;
+        let token_file = self
+            .upstream_token_file
+            .clone()
+            .or_else(|| in_pod.then(|| sa.join("token")));
+        let client_identity = match (&self.upstream_client_cert, &self.upstream_client_key) {
+            (Some(c), Some(k)) => Some((
+                std::fs::read_to_string(c).with_context(|| format!("reading {}", c.display()))?,
+                std::fs::read_to_string(k).with_context(|| format!("reading {}", k.display()))?,
+            )),
+            _ => None,
+        };
+        Ok(Some(crate::kube::KubeCredentials {
+            ca_pem,
+            token_file,
+            client_identity,
+        }))
+    }
+}
+
+/// The transport an agent dials the proxy with, from the scheme of `--proxy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyTransport {
+    /// `tls://`: TLS 1.3 over TCP, yamux on top.
+    Tls,
+    /// `quic://`: QUIC over UDP only.
+    Quic,
+    /// `auto://`: QUIC first, TLS when QUIC does not come up; remembers what worked.
+    Auto,
+}
+
+impl std::fmt::Display for ProxyTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProxyTransport::Tls => "tls",
+            ProxyTransport::Quic => "quic",
+            ProxyTransport::Auto => "auto",
+        })
+    }
+}
+
+/// `tls://HOST:PORT`, `quic://HOST:PORT` or `auto://HOST:PORT` → transport, host, port.
+pub fn parse_proxy(proxy: &str) -> Result<(ProxyTransport, String, u16)> {
+    let expected = "expected tls://HOST:PORT, quic://HOST:PORT or auto://HOST:PORT";
+    let (scheme, rest) = proxy
+        .split_once("://")
+        .with_context(|| format!("--proxy {proxy:?}: {expected}"))?;
+    let transport = match scheme.to_ascii_lowercase().as_str() {
+        "tls" => ProxyTransport::Tls,
+        "quic" => ProxyTransport::Quic,
+        "auto" => ProxyTransport::Auto,
+        _ => bail!("--proxy {proxy:?}: unknown scheme {scheme:?}; {expected}"),
+    };
+    let (host, port) = split_host_port(rest.trim_end_matches('/'), None)
+        .with_context(|| format!("--proxy {proxy:?}: {expected}"))?;
+    Ok((transport, host, port))
 }
 
 /// `https://host[:port][/...]` or `host:port` → `host:port` (443 when an https URL has none).
@@ -169,6 +262,24 @@ fn default_agent_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proxy_schemes() {
+        let (t, h, p) = parse_proxy("quic://proxy.example.com:8443").unwrap();
+        assert_eq!(
+            (t, h.as_str(), p),
+            (ProxyTransport::Quic, "proxy.example.com", 8443)
+        );
+        assert_eq!(
+            parse_proxy("tls://10.0.0.1:443").unwrap().0,
+            ProxyTransport::Tls
+        );
+        let (t, h, _) = parse_proxy("auto://[::1]:8443/").unwrap();
+        assert_eq!((t, h.as_str()), (ProxyTransport::Auto, "::1"));
+        assert!(parse_proxy("http://x:1").is_err());
+        assert!(parse_proxy("x:1").is_err());
+        assert!(parse_proxy("quic://x").is_err());
+    }
 
     #[test]
     fn upstreams() {

@@ -3,11 +3,11 @@
 //!
 //! The agent dials only its API server and the `--allow` list; the proxy cannot widen that.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
@@ -24,12 +24,40 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct StreamContext {
     pub upstream: String,
     pub allow: Vec<String>,
-    /// Set on SIGTERM: new streams are refused with `DRAINING`.
-    pub draining: AtomicBool,
+    /// Cancelled on SIGTERM: new streams are refused with `DRAINING`, and idle gateway
+    /// connections close once their current request is done.
+    pub draining: CancellationToken,
+    /// The kube gateway handler, when the agent has credentials for its API server.
+    pub kube: Option<Arc<crate::kube::KubeUpstream>>,
+}
+
+/// Where an accepted stream goes.
+enum Route {
+    /// Raw bytes to `host:port`.
+    Dial(String),
+    /// HTTP served by the kube handler, on behalf of this caller.
+    Kube(Arc<crate::kube::KubeUpstream>, tether_proto::messages::KubeHttp),
 }
 
 impl StreamContext {
-    /// The `host:port` a target resolves to, or why it is refused.
+    /// Where a target goes, or why it is refused.
+    fn route(&self, open: &StreamOpen) -> Result<Route, (StreamRejectCode, String)> {
+        match open.target.as_ref().and_then(|t| t.target.as_ref()) {
+            Some(target::Target::KubeHttp(who)) => match &self.kube {
+                Some(k) => Ok(Route::Kube(k.clone(), who.clone())),
+                None => Err((
+                    StreamRejectCode::Unsupported,
+                    "this agent has no credentials for its API server, so it cannot serve the \
+                     kube gateway: run it in a pod, or set --upstream-ca-file and \
+                     --upstream-token-file (or --upstream-client-cert/--upstream-client-key)"
+                        .into(),
+                )),
+            },
+            _ => self.resolve(open).map(Route::Dial),
+        }
+    }
+
+    /// The `host:port` a raw target resolves to, or why it is refused.
     fn resolve(&self, open: &StreamOpen) -> Result<String, (StreamRejectCode, String)> {
         match open.target.as_ref().and_then(|t| t.target.as_ref()) {
             Some(target::Target::ApiServer(_)) => Ok(self.upstream.clone()),
@@ -84,7 +112,7 @@ async fn handle(mut stream: MuxStream, ctx: Arc<StreamContext>) {
         Err(_) => return,
     };
     let request_id = open.request_id.clone();
-    if ctx.draining.load(Ordering::Relaxed) {
+    if ctx.draining.is_cancelled() {
         let _ = write_message(
             &mut stream,
             &StreamReply::reject(StreamRejectCode::Draining, "agent is shutting down"),
@@ -92,8 +120,14 @@ async fn handle(mut stream: MuxStream, ctx: Arc<StreamContext>) {
         .await;
         return;
     }
-    let addr = match ctx.resolve(&open) {
-        Ok(a) => a,
+    let addr = match ctx.route(&open) {
+        Ok(Route::Dial(a)) => a,
+        Ok(Route::Kube(kube, who)) => {
+            if write_message(&mut stream, &StreamReply::accept()).await.is_ok() {
+                kube.serve(stream, who, ctx.draining.clone()).await;
+            }
+            return;
+        }
         Err((code, reason)) => {
             info!(request_id = %request_id, target = %open.target.as_ref().map(|t| t.describe()).unwrap_or_default(), %reason, "stream refused");
             let _ = write_message(&mut stream, &StreamReply::reject(code, reason)).await;
@@ -135,7 +169,8 @@ mod tests {
         StreamContext {
             upstream: "10.0.0.1:443".into(),
             allow: vec!["db.local:5432".into()],
-            draining: AtomicBool::new(false),
+            draining: CancellationToken::new(),
+            kube: None,
         }
     }
 

@@ -36,7 +36,7 @@ use serde_json::json;
 
 use dial::{ConnectRoute, Route};
 use harness::Tunnel;
-use report::{Compare, Row, Target};
+use report::{Compare, Row, Target, Usage};
 
 /// Best encrypted peer (DESIGN.md): share of direct it reaches, in percent; tether's targets
 /// are 1.2× these.
@@ -79,6 +79,9 @@ struct Cli {
     /// Bytes per bulk run, split among its streams [default: 2 GiB, quick 64 MiB].
     #[arg(long)]
     bulk_bytes: Option<u64>,
+    /// Interleaved rounds of each bulk run; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    bulk_rounds: usize,
     /// Round trips per RTT run [default: 20000, quick 500].
     #[arg(long)]
     rtt_count: Option<usize>,
@@ -105,6 +108,7 @@ struct Profile {
     name: &'static str,
     bulk_bytes: u64,
     bulk_cap_s: u64,
+    bulk_rounds: usize,
     rtt_count: usize,
     rtt_cap_s: u64,
     conn_count: usize,
@@ -125,12 +129,13 @@ impl Profile {
                 .bulk_bytes
                 .unwrap_or(if q { 64 << 20 } else { 2 << 30 })
                 .max(8),
-            bulk_cap_s: if q { 10 } else { 30 },
+            bulk_cap_s: if q { 10 } else { 20 },
+            bulk_rounds: cli.bulk_rounds.clamp(1, 20),
             rtt_count: cli.rtt_count.unwrap_or(if q { 500 } else { 20_000 }).max(1),
-            rtt_cap_s: if q { 5 } else { 20 },
+            rtt_cap_s: if q { 5 } else { 15 },
             conn_count: cli.conn_count.unwrap_or(if q { 100 } else { 3_000 }).max(1),
             conn_concurrency: cli.conn_concurrency.clamp(1, 1024),
-            conn_cap_s: if q { 5 } else { 20 },
+            conn_cap_s: if q { 5 } else { 15 },
             http_secs: cli
                 .http_secs
                 .unwrap_or(if q { 1.0 } else { 10.0 })
@@ -155,17 +160,32 @@ struct Ctx {
 }
 
 impl Ctx {
-    /// Runs `f`, returning its result and the CPU seconds the proxy and the agent spent.
-    async fn cpu<T>(&self, f: impl Future<Output = Result<T>>) -> Result<(T, Option<(f64, f64)>)> {
-        let before = self.tunnel.cpu().ok();
+    /// Runs `f`, returning its result and the CPU the processes and the host used meanwhile.
+    async fn usage<T>(&self, f: impl Future<Output = Result<T>>) -> Result<(T, Option<Usage>)> {
+        let sample = || -> Result<_> {
+            Ok((
+                Instant::now(),
+                self.tunnel.cpu()?,
+                harness::cpu_time(std::process::id())?,
+                harness::host_jiffies()?,
+            ))
+        };
+        let before = sample().ok();
         let out = f.await?;
-        let cpu = match (before, self.tunnel.cpu().ok()) {
-            (Some((p0, a0)), Some((p1, a1))) => {
-                Some(((p1 - p0).as_secs_f64(), (a1 - a0).as_secs_f64()))
+        let usage = match (before, sample().ok()) {
+            (Some((t0, (p0, a0), b0, (busy0, tot0))), Some((t1, (p1, a1), b1, (busy1, tot1)))) => {
+                let wall = (t1 - t0).as_secs_f64().max(1e-9);
+                Some(Usage {
+                    wall_s: wall,
+                    proxy_cores: (p1 - p0).as_secs_f64() / wall,
+                    agent_cores: (a1 - a0).as_secs_f64() / wall,
+                    bench_cores: (b1 - b0).as_secs_f64() / wall,
+                    host_busy_pct: 100.0 * (busy1 - busy0) as f64 / (tot1 - tot0).max(1) as f64,
+                })
             }
             _ => None,
         };
-        Ok((out, cpu))
+        Ok((out, usage))
     }
 }
 
@@ -372,7 +392,7 @@ async fn case_rtt(ctx: &Ctx) -> CaseResult {
     let mut rows = Vec::new();
     let mut runs = vec![direct.clone()];
     for route in [&ctx.expose, &ctx.connect] {
-        let (t, cpu) = ctx.cpu(rtt::run(route, n, cap)).await?;
+        let (t, usage) = ctx.usage(rtt::run(route, n, cap)).await?;
         let (d, l) = (&direct.latency, &t.latency);
         rows.push(
             Row::new(
@@ -384,7 +404,7 @@ async fn case_rtt(ctx: &Ctx) -> CaseResult {
                 Compare::Added,
                 Some(Target::AddedAtMost(25.0)),
             )
-            .with_cpu(cpu),
+            .with_usage(usage),
         );
         rows.push(Row::new(
             "rtt 64 B p99",
@@ -417,8 +437,8 @@ async fn case_connect(ctx: &Ctx) -> CaseResult {
     let mut runs = Vec::new();
     for conc in [1, p.conn_concurrency] {
         let direct = connect::run(&ctx.direct, p.conn_count, conc, cap).await?;
-        let (t, cpu) = ctx
-            .cpu(connect::run(&ctx.expose, p.conn_count, conc, cap))
+        let (t, usage) = ctx
+            .usage(connect::run(&ctx.expose, p.conn_count, conc, cap))
             .await?;
         let label = if conc == 1 {
             "new conn, sequential".to_string()
@@ -436,7 +456,7 @@ async fn case_connect(ctx: &Ctx) -> CaseResult {
                 Compare::Ratio,
                 target_rate,
             )
-            .with_cpu(cpu),
+            .with_usage(usage),
         );
         rows.push(Row::new(
             format!("{label}, p50"),
@@ -475,23 +495,40 @@ async fn case_bulk(ctx: &Ctx) -> CaseResult {
     let mut rows = Vec::new();
     let mut runs = Vec::new();
     for streams in [1usize, 8] {
-        let direct = bulk::run(&ctx.direct, streams, p.bulk_bytes, cap).await?;
-        eprintln!("   direct {streams}: {:.0} MB/s", direct.mb_per_s);
+        // Rounds interleave the routes so that drift in the machine's load hits all alike;
+        // each route reports its median round.
+        let mut direct = Vec::new();
+        let mut tunneled: [Vec<(bulk::Bulk, Option<Usage>)>; 2] = [Vec::new(), Vec::new()];
+        for round in 0..p.bulk_rounds {
+            let d = bulk::run(&ctx.direct, streams, p.bulk_bytes, cap).await?;
+            let mut line = format!(
+                "   {streams} stream(s), round {}: direct {:.0}",
+                round + 1,
+                d.mb_per_s
+            );
+            direct.push(d);
+            for (i, route) in [&ctx.expose, &ctx.connect].into_iter().enumerate() {
+                let (t, usage) = ctx
+                    .usage(bulk::run(route, streams, p.bulk_bytes, cap))
+                    .await?;
+                line += &format!(
+                    ", {} {:.0}{}",
+                    route.name(),
+                    t.mb_per_s,
+                    if t.capped { " (time cap hit)" } else { "" }
+                );
+                tunneled[i].push((t, usage));
+            }
+            eprintln!("{line} MB/s");
+        }
         let label = if streams == 1 {
             "bulk, 1 stream".to_string()
         } else {
             format!("bulk, {streams} streams")
         };
-        for route in [&ctx.expose, &ctx.connect] {
-            let (t, cpu) = ctx
-                .cpu(bulk::run(route, streams, p.bulk_bytes, cap))
-                .await?;
-            eprintln!(
-                "   {} {streams}: {:.0} MB/s{}",
-                route.name(),
-                t.mb_per_s,
-                if t.capped { " (time cap hit)" } else { "" }
-            );
+        let direct_median = median_by(&direct, |b| b.mb_per_s).mb_per_s;
+        for (route, results) in [&ctx.expose, &ctx.connect].into_iter().zip(&tunneled) {
+            let (t, usage) = median_by(results, |(b, _)| b.mb_per_s);
             let target =
                 (route.name() == "expose").then_some(Target::RatioAtLeast(PEER_BULK * PEER_FACTOR));
             rows.push(
@@ -499,25 +536,38 @@ async fn case_bulk(ctx: &Ctx) -> CaseResult {
                     label.clone(),
                     route.name(),
                     "MB/s",
-                    Some(direct.mb_per_s),
+                    Some(direct_median),
                     t.mb_per_s,
                     Compare::Ratio,
                     target,
                 )
-                .with_cpu(cpu),
+                .with_usage(*usage),
             );
-            runs.push(t);
         }
-        runs.push(direct);
+        runs.extend(direct.into_iter().map(|b| json!({ "run": b })));
+        for results in tunneled {
+            runs.extend(
+                results
+                    .into_iter()
+                    .map(|(b, u)| json!({ "run": b, "usage": u })),
+            );
+        }
     }
     Ok((rows, serde_json::to_value(runs)?))
+}
+
+/// The median element by `key` (the upper one of an even count).
+fn median_by<T>(items: &[T], key: impl Fn(&T) -> f64) -> &T {
+    let mut idx: Vec<usize> = (0..items.len()).collect();
+    idx.sort_by(|&a, &b| key(&items[a]).total_cmp(&key(&items[b])));
+    &items[idx[idx.len() / 2]]
 }
 
 async fn case_http(ctx: &Ctx) -> CaseResult {
     let p = &ctx.profile;
     let dur = Duration::from_secs_f64(p.http_secs);
     let direct = http::run(&ctx.direct, p.http_conns, dur).await?;
-    let (t, cpu) = ctx.cpu(http::run(&ctx.expose, p.http_conns, dur)).await?;
+    let (t, usage) = ctx.usage(http::run(&ctx.expose, p.http_conns, dur)).await?;
     let c = p.http_conns;
     let (d, l) = (&direct.latency, &t.latency);
     let rows = vec![
@@ -530,7 +580,7 @@ async fn case_http(ctx: &Ctx) -> CaseResult {
             Compare::Ratio,
             Some(Target::RatioAtLeast(PEER_HTTP * PEER_FACTOR)),
         )
-        .with_cpu(cpu),
+        .with_usage(usage),
         Row::new(
             format!("http GET 1 KiB, {c} conns, p50"),
             "expose",

@@ -51,9 +51,21 @@ pub struct Row {
     pub delta: Option<f64>,
     pub target: Option<Target>,
     pub meets: Option<bool>,
-    /// CPU seconds the proxy and the agent spent during the tunnel run, when measured.
-    pub cpu_proxy_s: Option<f64>,
-    pub cpu_agent_s: Option<f64>,
+    /// CPU the processes used during the tunnel run, when measured.
+    pub usage: Option<Usage>,
+}
+
+/// CPU used during a run, in cores (CPU seconds / wall seconds).
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub wall_s: f64,
+    pub proxy_cores: f64,
+    pub agent_cores: f64,
+    /// This process: the load generator and the upstream server.
+    pub bench_cores: f64,
+    /// The whole host busy, percent of all CPUs (other work on the machine included).
+    pub host_busy_pct: f64,
 }
 
 impl Row {
@@ -86,16 +98,12 @@ impl Row {
             delta,
             target,
             meets,
-            cpu_proxy_s: None,
-            cpu_agent_s: None,
+            usage: None,
         }
     }
 
-    pub fn with_cpu(mut self, cpu: Option<(f64, f64)>) -> Row {
-        if let Some((p, a)) = cpu {
-            self.cpu_proxy_s = Some(p);
-            self.cpu_agent_s = Some(a);
-        }
+    pub fn with_usage(mut self, usage: Option<Usage>) -> Row {
+        self.usage = usage;
         self
     }
 }
@@ -122,7 +130,7 @@ pub fn table(rows: &[Row]) -> String {
         "vs direct",
         "target",
         "met",
-        "CPU s proxy/agent",
+        "cores proxy/agent/bench, host busy",
     ];
     let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for r in rows {
@@ -146,9 +154,12 @@ pub fn table(rows: &[Row]) -> String {
                 Some(false) => "NO".into(),
                 None => "-".into(),
             },
-            match (r.cpu_proxy_s, r.cpu_agent_s) {
-                (Some(p), Some(a)) => format!("{p:.2}/{a:.2}"),
-                _ => "-".into(),
+            match r.usage {
+                Some(u) => format!(
+                    "{:.2}/{:.2}/{:.2}, {:.0}%",
+                    u.proxy_cores, u.agent_cores, u.bench_cores, u.host_busy_pct
+                ),
+                None => "-".into(),
             },
         ]);
     }

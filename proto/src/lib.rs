@@ -7,9 +7,11 @@
 //! - [`tls`]: TLS 1.3 configurations, certificate generation and PEM files.
 //! - [`transport`]: the Session/Transport layer: one multiplexed session between agent and
 //!   proxy, whatever carries it.
+//! - [`http`]: what both ends of the kube gateway share: `Status` errors, header hygiene.
 //! - [`splice`]: copying bytes both ways between two streams, with counters.
 
 pub mod frame;
+pub mod http;
 pub mod messages;
 pub mod name;
 pub mod splice;

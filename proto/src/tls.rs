@@ -144,6 +144,9 @@ impl std::fmt::Debug for CertifiedKey {
     }
 }
 
+/// Prefix of the OU value that carries a client certificate's cluster patterns.
+pub const CLUSTERS_OU_PREFIX: &str = "clusters=";
+
 /// The proxy's certificate authority: trusted by agents and callers, issues leaf certificates.
 pub struct CertificateAuthority {
     cert_pem: String,
@@ -227,7 +230,8 @@ impl CertificateAuthority {
         self.sign(params, validity)
     }
 
-    /// Issues a client certificate: CN = `user`, O = the group.
+    /// Issues a client certificate: CN = `user`, O = the group, and the cluster patterns the
+    /// holder may reach in OU, as `clusters=PATTERN[,PATTERN]` ([`CLUSTERS_OU_PREFIX`]).
     ///
     /// At most one group: the certificate library keeps one value per name attribute, so a
     /// user in several groups should use a client token instead.
@@ -235,6 +239,7 @@ impl CertificateAuthority {
         &self,
         user: &str,
         groups: &[String],
+        clusters: &[String],
         validity: Duration,
     ) -> Result<CertifiedKey, TlsError> {
         if groups.len() > 1 {
@@ -249,6 +254,12 @@ impl CertificateAuthority {
         dn.push(DnType::CommonName, user);
         if let Some(g) = groups.first() {
             dn.push(DnType::OrganizationName, g.as_str());
+        }
+        if !clusters.is_empty() {
+            dn.push(
+                DnType::OrganizationalUnitName,
+                format!("{CLUSTERS_OU_PREFIX}{}", clusters.join(",")),
+            );
         }
         params.distinguished_name = dn;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -285,6 +296,8 @@ pub struct CertificateInfo {
     pub common_name: Option<String>,
     /// Subject organizations.
     pub organizations: Vec<String>,
+    /// Subject organizational units.
+    pub organizational_units: Vec<String>,
 }
 
 /// Reads expiry, names and subject of a DER certificate.
@@ -319,6 +332,11 @@ pub fn certificate_info(der: &[u8]) -> Result<CertificateInfo, TlsError> {
             .map(str::to_string),
         organizations: subject
             .iter_organization()
+            .filter_map(|o| o.as_str().ok())
+            .map(str::to_string)
+            .collect(),
+        organizational_units: subject
+            .iter_organizational_unit()
             .filter_map(|o| o.as_str().ok())
             .map(str::to_string)
             .collect(),
@@ -363,15 +381,16 @@ mod tests {
         let info = certificate_info(&der).unwrap();
         assert_eq!(info.names, names);
         let client = ca
-            .issue_client("alice", &["dev".into()], Duration::from_secs(60))
+            .issue_client("alice", &["dev".into()], &["prod-*".into()], Duration::from_secs(60))
             .unwrap();
         assert!(ca
-            .issue_client("bob", &["a".into(), "b".into()], Duration::from_secs(60))
+            .issue_client("bob", &["a".into(), "b".into()], &[], Duration::from_secs(60))
             .is_err());
         let der = parse_certs(&client.cert_pem, "x").unwrap().remove(0);
         let info = certificate_info(&der).unwrap();
         assert_eq!(info.common_name.as_deref(), Some("alice"));
         assert_eq!(info.organizations, vec!["dev"]);
+        assert_eq!(info.organizational_units, vec!["clusters=prod-*"]);
         // Reloading the CA from PEM keeps it able to sign.
         let again = CertificateAuthority::load(ca.cert_pem(), &ca.key_pem()).unwrap();
         again.issue_server(&names, Duration::from_secs(60)).unwrap();

@@ -1,8 +1,11 @@
 //! The agent listener: accepts agent sessions, checks each `Hello`, and keeps the control
 //! stream alive with heartbeats.
 //!
-//! A session's life: TLS handshake (bounded) → the agent opens the control stream and sends
-//! `Hello` (bounded in time and size) → the proxy verifies protocol version, cluster name,
+//! Agents come over TLS ([`serve_tls`]) or QUIC ([`serve_quic`]); both feed the same
+//! [`run_session`], which sees only the transport-neutral session.
+//!
+//! A session's life: TLS or QUIC handshake (bounded) → the agent opens the control stream and
+//! sends `Hello` (bounded in time and size) → the proxy verifies protocol version, cluster name,
 //! token and cluster UID → `Welcome` and registration, or `Reject` with a reason the operator
 //! can act on (logged and counted) → heartbeats every interval; three missed intervals, the
 //! control stream ending, or the session dying unregister the agent.
@@ -20,6 +23,7 @@ use tether_proto::frame::{read_message, write_message, FrameError, DEFAULT_MAX_F
 use tether_proto::messages::{control_message, ControlMessage, Hello, HelloReply, RejectCode, Welcome};
 use tether_proto::name::validate_cluster_name;
 use tether_proto::token::{TokenError, TokenKind, TokenVerifier};
+use tether_proto::transport::quic::QuicListener;
 use tether_proto::transport::tls::TlsListener;
 use tether_proto::transport::{MuxStream, Session, SessionConfig, SessionHandle};
 
@@ -65,6 +69,35 @@ pub async fn serve_tls(listener: TlsListener, gate: AgentGate) {
                 Err(e) => {
                     gate.registry.metrics().agent_auth_failure("tls_handshake");
                     info!(%peer, error = %e, "agent connection refused at TLS");
+                }
+            }
+        });
+    }
+}
+
+/// Accepts QUIC connections and runs each agent session in its own task until shutdown; then
+/// refuses new connections while the sessions already running drain.
+pub async fn serve_quic(listener: QuicListener, gate: AgentGate) {
+    loop {
+        let incoming = tokio::select! {
+            i = listener.accept() => i,
+            _ = gate.shutdown.cancelled() => {
+                listener.stop_accepting();
+                return;
+            }
+        };
+        let Some(incoming) = incoming else {
+            warn!("the QUIC endpoint closed; no more QUIC agent connections");
+            return;
+        };
+        let gate = gate.clone();
+        tokio::spawn(async move {
+            let peer = incoming.peer();
+            match incoming.handshake().await {
+                Ok(session) => run_session(session, gate).await,
+                Err(e) => {
+                    gate.registry.metrics().agent_auth_failure("quic_handshake");
+                    info!(%peer, error = %e, "agent connection refused at the QUIC handshake");
                 }
             }
         });

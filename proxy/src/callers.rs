@@ -3,7 +3,8 @@
 //! Callers present a client token minted by `tether-proxy token client`:
 //! - on CONNECT, in `Proxy-Authorization` as `Bearer TOKEN`, or `Basic` with the token as
 //!   the password (so a kubeconfig `proxy-url` of `https://user:TOKEN@host:port` works);
-//! - on the gateway, in `Authorization: Bearer TOKEN`.
+//! - on the gateway, in `Authorization: Bearer TOKEN`, or as a client certificate signed by
+//!   the proxy's CA (CN = user, O = group, OU `clusters=PATTERNS`).
 //!
 //! The token's cluster patterns decide which clusters the caller may reach.
 
@@ -25,6 +26,26 @@ impl Caller {
             groups: c.groups,
             clusters: c.clusters,
         }
+    }
+
+    /// The identity in a client certificate the front's TLS layer already verified against
+    /// the proxy's CA: CN = user, O = groups, OU `clusters=...` = cluster patterns.
+    pub fn from_certificate(der: &[u8]) -> Option<Self> {
+        let info = tether_proto::tls::certificate_info(der).ok()?;
+        let user = info.common_name.filter(|u| !u.is_empty())?;
+        let clusters = info
+            .organizational_units
+            .iter()
+            .filter_map(|ou| ou.strip_prefix(tether_proto::tls::CLUSTERS_OU_PREFIX))
+            .flat_map(|list| list.split(','))
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect();
+        Some(Caller {
+            user,
+            groups: info.organizations,
+            clusters,
+        })
     }
 
     pub fn may_reach(&self, cluster: &str) -> bool {

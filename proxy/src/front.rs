@@ -5,7 +5,9 @@
 //!   credentials, 403 for a cluster the token does not cover, 404 for a cluster never seen,
 //!   503 when no agent is connected, 502 when the agent could not reach its target, each with
 //!   a one-line reason.
-//! - Any other request gets a 404 naming what the front serves.
+//! - `/clusters/{name}/...` is the kube gateway ([`crate::gateway`]): the caller authenticates
+//!   with a client token (`Authorization: Bearer`) or a client certificate.
+//! - Any other request gets a 404 `Status` naming what the front serves.
 //!
 //! Limits: connections are capped, TLS handshakes and request headers must arrive in time,
 //! and header size is bounded.
@@ -17,7 +19,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -27,9 +28,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use tether_proto::messages::{StreamRejectCode, Target};
+use tether_proto::http::{full, status_response, Body};
 use tether_proto::token::TokenVerifier;
 
-use crate::callers::authenticate;
+use crate::callers::{authenticate, Caller};
+use crate::gateway::{split_gateway_path, Gateway};
 use crate::registry::{OpenError, SessionRegistry};
 
 /// Most front connections open at once; more wait in the kernel's backlog.
@@ -44,6 +47,7 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub struct Front {
     pub registry: Arc<SessionRegistry>,
     pub verifier: Arc<std::sync::RwLock<TokenVerifier>>,
+    pub gateway: Arc<Gateway>,
 }
 
 /// Serves the front on `listener` with TLS until `shutdown`.
@@ -85,9 +89,17 @@ pub async fn serve(
                     return;
                 }
             };
+            // A client certificate, if any, was verified against the proxy's CA by TLS.
+            let cert_caller = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|der| Caller::from_certificate(der))
+                .map(Arc::new);
             let service = hyper::service::service_fn(move |req| {
-                let front = front.clone();
-                async move { Ok::<_, Infallible>(front.handle(req, peer).await) }
+                let (front, cert_caller) = (front.clone(), cert_caller.clone());
+                async move { Ok::<_, Infallible>(front.handle(req, peer, cert_caller).await) }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
@@ -108,17 +120,49 @@ pub async fn serve(
     }
 }
 
-type Body = Full<Bytes>;
-
 impl Front {
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        cert_caller: Option<Arc<Caller>>,
+    ) -> Response<Body> {
         if req.method() == Method::CONNECT {
             return self.connect(req, peer).await;
         }
-        text(
-            StatusCode::NOT_FOUND,
-            "this port serves CONNECT {cluster}:443 (with a client token in Proxy-Authorization)",
-        )
+        let Some((cluster, path)) = split_gateway_path(req.uri().path()) else {
+            return status_response(
+                StatusCode::NOT_FOUND,
+                "this port serves /clusters/{cluster}/... (the kube gateway) and CONNECT {cluster}:443",
+            );
+        };
+        let (cluster, path) = (cluster.to_string(), path.to_string());
+        // A bearer token wins over a certificate, as with kube-apiserver.
+        let header = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        let caller = match (header, cert_caller) {
+            (None, Some(c)) => Ok((*c).clone()),
+            (header, _) => {
+                let verifier = self.verifier.read().expect("verifier lock");
+                authenticate(&verifier, header)
+            }
+        };
+        let caller = match caller {
+            Ok(c) => c,
+            Err(e) => {
+                self.registry.metrics().caller_auth_failure(e.label());
+                info!(%peer, %cluster, reason = %e, "gateway request refused: not authenticated");
+                let mut resp = status_response(StatusCode::UNAUTHORIZED, &format!("tether: {e}"));
+                resp.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Bearer realm=\"tether\""),
+                );
+                return resp;
+            }
+        };
+        self.gateway.handle(req, caller, &cluster, &path).await
     }
 
     /// `CONNECT {cluster}:443`: authenticate, authorize, open a tunnel stream, then splice.
@@ -193,7 +237,7 @@ impl Front {
                 Err(e) => info!(%peer, error = %e, "CONNECT upgrade failed"),
             }
         });
-        Response::new(Full::new(Bytes::new()))
+        Response::new(full(Bytes::new()))
     }
 }
 
@@ -214,7 +258,7 @@ pub fn open_error_status(e: &OpenError) -> StatusCode {
 
 /// A short plain-text response: one line, the reason.
 fn text(status: StatusCode, msg: &str) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(format!("{msg}\n"))));
+    let mut resp = Response::new(full(format!("{msg}\n")));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -2,7 +2,8 @@
 //!
 //! - [`agents`]: the agent listener (Hello, Welcome/Reject, heartbeats);
 //! - [`registry`]: connected agents per cluster, and opening streams through them;
-//! - [`front`]: the HTTPS port for callers (CONNECT);
+//! - [`front`]: the HTTPS port for callers (CONNECT, and routing to the gateway);
+//! - [`gateway`]: the kube gateway, `/clusters/{name}/...` with impersonation;
 //! - [`callers`]: caller authentication and per-cluster authorization;
 //! - [`expose`]: per-cluster plain TCP listeners;
 //! - [`admin`]: health, readiness, status, metrics;
@@ -15,6 +16,7 @@ pub mod agents;
 pub mod callers;
 pub mod expose;
 pub mod front;
+pub mod gateway;
 pub mod metrics;
 pub mod registry;
 pub mod serve;

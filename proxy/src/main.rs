@@ -9,6 +9,9 @@ use clap::{Parser, Subcommand};
 use tether_proto::token::Claims;
 use tether_proxy::serve::{self, REVOKED};
 use tether_proxy::settings::{ServeArgs, DEFAULT_ADMIN_ADDR, DEFAULT_STATE_DIR};
+
+/// The front's URL when none is given: the default front port on this machine.
+const DEFAULT_FRONT_URL: &str = "https://localhost:9443";
 use tether_proxy::state::StateDir;
 
 /// tether-proxy: the host side of tether, a reverse tunnel to member clusters' API servers.
@@ -37,6 +40,30 @@ enum Command {
     /// Mint or revoke tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Print a kubeconfig for the kube gateway (`https://FRONT/clusters/NAME`), with the
+    /// proxy's CA embedded and a freshly minted client token.
+    Kubeconfig {
+        #[arg(long, env = "TETHER_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// The member cluster the kubeconfig points at.
+        #[arg(long)]
+        cluster: String,
+        #[arg(long)]
+        user: String,
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// Cluster patterns the token may reach [default: just --cluster].
+        #[arg(long, value_delimiter = ',')]
+        clusters: Vec<String>,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// The front's URL as callers reach it.
+        #[arg(long, env = "TETHER_FRONT_URL", default_value = DEFAULT_FRONT_URL)]
+        server: String,
+    },
+    /// Client certificates for the kube gateway.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Show every cluster's status from a running proxy.
     Clusters {
         #[arg(long, env = "TETHER_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
@@ -44,6 +71,34 @@ enum Command {
         /// Print the raw JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Write a client certificate and key (CN = user, O = group, OU = cluster patterns),
+    /// signed by the proxy's CA, and a ready kubeconfig using them.
+    Client {
+        #[arg(long, env = "TETHER_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        user: String,
+        /// The user's group (at most one in a certificate; use a token for more).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// Cluster patterns the certificate may reach, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        clusters: Vec<String>,
+        /// The cluster the kubeconfig's context points at [default: the first pattern].
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long, default_value = "8760h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Directory for USER.crt, USER.key and USER.kubeconfig.
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+        #[arg(long, env = "TETHER_FRONT_URL", default_value = DEFAULT_FRONT_URL)]
+        server: String,
     },
 }
 
@@ -149,7 +204,92 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Clusters { admin_addr, json } => clusters(&admin_addr, json),
+        Command::Kubeconfig {
+            state_dir,
+            cluster,
+            user,
+            groups,
+            mut clusters,
+            ttl,
+            server,
+        } => {
+            tether_proto::name::validate_cluster_name(&cluster).map_err(anyhow::Error::msg)?;
+            if clusters.is_empty() {
+                clusters.push(cluster.clone());
+            }
+            let key = StateDir::signing_key(&state_dir)?;
+            let token = key.mint(&Claims::client(&user, groups, clusters, ttl)?);
+            let ca = StateDir::ca_cert(&state_dir)?;
+            print!("{}", kubeconfig(&server, &cluster, &user, &ca, Credential::Token(&token)));
+            Ok(())
+        }
+        Command::Cert(CertCommand::Client {
+            state_dir,
+            user,
+            groups,
+            clusters,
+            cluster,
+            ttl,
+            out_dir,
+            server,
+        }) => {
+            for p in &clusters {
+                tether_proto::token::validate_pattern(p).map_err(anyhow::Error::msg)?;
+            }
+            let cluster = cluster.unwrap_or_else(|| clusters[0].clone());
+            tether_proto::name::validate_cluster_name(&cluster)
+                .map_err(|e| anyhow::anyhow!("{e} (name one with --cluster)"))?;
+            let state = StateDir::open(&state_dir, &["localhost".into()])?;
+            let leaf = state.ca.issue_client(&user, &groups, &clusters, ttl)?;
+            std::fs::create_dir_all(&out_dir)?;
+            let write = |ext: &str, data: &str| -> Result<PathBuf> {
+                let path = out_dir.join(format!("{user}.{ext}"));
+                tether_proto::tls::write_private_file(&path, data.as_bytes())?;
+                Ok(path)
+            };
+            let cert = write("crt", &leaf.cert_pem)?;
+            let key = write("key", &leaf.key_pem)?;
+            let config = kubeconfig(
+                &server,
+                &cluster,
+                &user,
+                state.ca.cert_pem(),
+                Credential::Certificate(&leaf.cert_pem, &leaf.key_pem),
+            );
+            let kc = write("kubeconfig", &config)?;
+            println!("wrote {}, {} and {}", cert.display(), key.display(), kc.display());
+            Ok(())
+        }
     }
+}
+
+/// How a kubeconfig user authenticates to the gateway.
+enum Credential<'a> {
+    Token(&'a str),
+    Certificate(&'a str, &'a str),
+}
+
+/// A kubeconfig whose server is the gateway path of `cluster`, trusting the proxy's CA.
+fn kubeconfig(server: &str, cluster: &str, user: &str, ca_pem: &str, cred: Credential<'_>) -> String {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let user_entry = match cred {
+        Credential::Token(t) => format!("    token: {t}\n"),
+        Credential::Certificate(c, k) => format!(
+            "    client-certificate-data: {}\n    client-key-data: {}\n",
+            b64(c),
+            b64(k)
+        ),
+    };
+    let server = server.trim_end_matches('/');
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: {cluster}\n  cluster:\n    \
+         server: {server}/clusters/{cluster}\n    certificate-authority-data: {ca}\n\
+         users:\n- name: {user}@tether\n  user:\n{user_entry}\
+         contexts:\n- name: {cluster}\n  context:\n    cluster: {cluster}\n    user: {user}@tether\n\
+         current-context: {cluster}\n",
+        ca = b64(ca_pem),
+    )
 }
 
 /// `tether-proxy clusters`: fetches `/api/v1/clusters` and prints a table.

@@ -16,6 +16,14 @@ fn label(k: &str, v: &str) -> Labels {
     vec![(k.to_string(), v.to_string())]
 }
 
+/// Labels of a gauge per cluster and agent transport.
+fn cluster_transport(cluster: &str, transport: &str) -> Labels {
+    vec![
+        ("cluster".to_string(), cluster.to_string()),
+        ("transport".to_string(), transport.to_string()),
+    ]
+}
+
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
@@ -24,6 +32,9 @@ pub struct Metrics {
     stream_opens: Family<Labels, Counter>,
     streams_open: Gauge,
     bytes: Family<Labels, Counter>,
+    /// Cached children of `bytes`: looked up once, not on every read and write.
+    bytes_to_agent: Counter,
+    bytes_from_agent: Counter,
     agent_auth_failures: Family<Labels, Counter>,
     caller_auth_failures: Family<Labels, Counter>,
     heartbeat_rtt: Histogram,
@@ -44,6 +55,8 @@ impl Metrics {
             stream_opens: Family::default(),
             streams_open: Gauge::default(),
             bytes: Family::default(),
+            bytes_to_agent: Counter::default(),
+            bytes_from_agent: Counter::default(),
             agent_auth_failures: Family::default(),
             caller_auth_failures: Family::default(),
             // 50 µs .. ~1.6 s
@@ -52,7 +65,7 @@ impl Metrics {
         };
         registry.register(
             "agents_connected",
-            "Agent sessions connected, per cluster",
+            "Agent sessions connected, per cluster and transport (tls+yamux, quic)",
             m.agents_connected.clone(),
         );
         registry.register(
@@ -90,12 +103,19 @@ impl Metrics {
             "Round trip of control-stream heartbeats",
             m.heartbeat_rtt.clone(),
         );
-        Metrics { registry, ..m }
+        let bytes_to_agent = m.bytes.get_or_create(&label("direction", "to_agent")).clone();
+        let bytes_from_agent = m.bytes.get_or_create(&label("direction", "from_agent")).clone();
+        Metrics {
+            registry,
+            bytes_to_agent,
+            bytes_from_agent,
+            ..m
+        }
     }
 
-    pub fn session_up(&self, cluster: &str) {
+    pub fn session_up(&self, cluster: &str, transport: &str) {
         self.agents_connected
-            .get_or_create(&label("cluster", cluster))
+            .get_or_create(&cluster_transport(cluster, transport))
             .inc();
         self.session_transitions
             .get_or_create(&vec![
@@ -105,9 +125,9 @@ impl Metrics {
             .inc();
     }
 
-    pub fn session_down(&self, cluster: &str) {
+    pub fn session_down(&self, cluster: &str, transport: &str) {
         self.agents_connected
-            .get_or_create(&label("cluster", cluster))
+            .get_or_create(&cluster_transport(cluster, transport))
             .dec();
         self.session_transitions
             .get_or_create(&vec![
@@ -130,12 +150,12 @@ impl Metrics {
     }
 
     pub fn bytes(&self, to_agent: u64, from_agent: u64) {
-        self.bytes
-            .get_or_create(&label("direction", "to_agent"))
-            .inc_by(to_agent);
-        self.bytes
-            .get_or_create(&label("direction", "from_agent"))
-            .inc_by(from_agent);
+        if to_agent > 0 {
+            self.bytes_to_agent.inc_by(to_agent);
+        }
+        if from_agent > 0 {
+            self.bytes_from_agent.inc_by(from_agent);
+        }
     }
 
     pub fn agent_auth_failure(&self, reason: &str) {

@@ -149,41 +149,82 @@ pub struct TunnelStream {
 }
 
 impl TunnelStream {
+    /// The stream as plain I/O that counts its bytes into the agent's and the proxy's totals
+    /// and holds the open-streams gauge while it lives.
+    pub fn into_io(self) -> CountedStream {
+        self.metrics.streams_open().inc();
+        CountedStream {
+            stream: self.stream,
+            agent: self.agent,
+            metrics: self.metrics,
+        }
+    }
+
     /// Splices `client` with this stream until both directions end.
     pub async fn splice_with<C>(self, client: C) -> std::io::Result<tether_proto::splice::Spliced>
     where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let TunnelStream { stream, agent, metrics } = self;
-        let guard = OpenStreamGauge::new(metrics.clone());
-        let result = tether_proto::splice::splice(
-            client,
-            stream,
-            Some(&agent.bytes_to_agent),
-            Some(&agent.bytes_from_agent),
-        )
-        .await;
-        if let Ok(s) = &result {
-            metrics.bytes(s.a_to_b, s.b_to_a);
-        }
-        drop(guard);
-        result
+        tether_proto::splice::splice(client, self.into_io(), None, None).await
     }
 }
 
-/// Increments the open-streams gauge for its lifetime.
-struct OpenStreamGauge(Arc<Metrics>);
-
-impl OpenStreamGauge {
-    fn new(m: Arc<Metrics>) -> Self {
-        m.streams_open().inc();
-        OpenStreamGauge(m)
-    }
+/// A tunnel stream that counts bytes as they pass. See [`TunnelStream::into_io`].
+pub struct CountedStream {
+    stream: MuxStream,
+    agent: Arc<AgentSession>,
+    metrics: Arc<Metrics>,
 }
 
-impl Drop for OpenStreamGauge {
+impl Drop for CountedStream {
     fn drop(&mut self) {
-        self.0.streams_open().dec();
+        self.metrics.streams_open().dec();
+    }
+}
+
+impl tokio::io::AsyncRead for CountedStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.agent.bytes_from_agent.fetch_add(n, Ordering::Relaxed);
+            self.metrics.bytes(0, n);
+        }
+        poll
+    }
+}
+
+impl tokio::io::AsyncWrite for CountedStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.stream).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &poll {
+            self.agent.bytes_to_agent.fetch_add(*n as u64, Ordering::Relaxed);
+            self.metrics.bytes(*n as u64, 0);
+        }
+        poll
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -226,6 +267,7 @@ impl SessionRegistry {
     /// Adds a session that passed `Hello`.
     pub fn register(&self, session: Arc<AgentSession>) {
         let cluster = session.cluster.clone();
+        let transport = session.handle.info().transport;
         {
             let mut map = self.clusters.write().expect("registry lock");
             let entry = map.entry(cluster.clone()).or_default();
@@ -235,7 +277,7 @@ impl SessionRegistry {
             }
             entry.agents.push(session);
         }
-        self.metrics.session_up(&cluster);
+        self.metrics.session_up(&cluster, transport);
     }
 
     /// Removes a session that ended.
@@ -254,7 +296,8 @@ impl SessionRegistry {
             before != entry.agents.len()
         };
         if removed {
-            self.metrics.session_down(&session.cluster);
+            self.metrics
+                .session_down(&session.cluster, session.handle.info().transport);
         }
     }
 

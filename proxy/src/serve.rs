@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use tether_proto::tls::server_config;
+use tether_proto::transport::quic::{QuicConfig, QuicListener, ResetSecret};
 use tether_proto::transport::tls::TlsListener;
 use tether_proto::transport::SessionConfig;
 
@@ -95,16 +96,12 @@ pub async fn run(settings: Settings) -> Result<()> {
         stop_admin.clone(),
     ));
 
-    let agent_tls = server_config(
+    let agent_tls = Arc::new(server_config(
         &state.server_cert_pem,
         &state.server_key_pem,
         &[tether_proto::ALPN],
         None,
-    )?;
-    let agent_listener = TlsListener::bind(&settings.agent_addr, Arc::new(agent_tls))
-        .await
-        .with_context(|| format!("binding the agent address {}", settings.agent_addr))?;
-    let agent_addr = agent_listener.local_addr()?;
+    )?);
     let gate = AgentGate {
         registry: registry.clone(),
         verifier: verifier.clone(),
@@ -116,7 +113,33 @@ pub async fn run(settings: Settings) -> Result<()> {
         replica_count: 1,
         shutdown: shutdown.clone(),
     };
-    tokio::spawn(agents::serve_tls(agent_listener, gate));
+    // TLS on the TCP port, QUIC on the same port number over UDP (the port TCP got, when
+    // the address asked for any port).
+    let mut agent_addr = settings.agent_addr.clone();
+    let mut agent_listeners = Vec::new();
+    if settings.transports.tls {
+        let listener = TlsListener::bind(&settings.agent_addr, agent_tls.clone())
+            .await
+            .with_context(|| format!("binding the agent address {}", settings.agent_addr))?;
+        let addr = listener.local_addr()?;
+        agent_addr = addr.to_string();
+        agent_listeners.push(format!("tls://{addr}"));
+        tokio::spawn(agents::serve_tls(listener, gate.clone()));
+    }
+    if settings.transports.quic {
+        let quic = QuicConfig::for_heartbeat(settings.heartbeat_interval)
+            .with_reset_secret(ResetSecret::derive(state.server_key_pem.as_bytes()));
+        let listener = QuicListener::bind(&agent_addr, agent_tls.clone(), &gate.session, &quic)
+            .await
+            .with_context(|| {
+                format!(
+                    "binding the QUIC agent address udp/{agent_addr} (turn QUIC off with \
+                     --transports tls)"
+                )
+            })?;
+        agent_listeners.push(format!("quic://{}", listener.local_addr()?));
+        tokio::spawn(agents::serve_quic(listener, gate.clone()));
+    }
 
     let front_tls = server_config(
         &state.server_cert_pem,
@@ -132,6 +155,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         Front {
             registry: registry.clone(),
             verifier: verifier.clone(),
+            gateway: crate::gateway::Gateway::new(registry.clone()),
         },
         shutdown.clone(),
     ));
@@ -153,7 +177,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         );
     }
     info!(
-        %agent_addr, %front_addr, %admin_addr,
+        agent_addr = %agent_listeners.join(","), %front_addr, %admin_addr,
         publish_address = %settings.publish_address,
         exposed = ?exposed,
         state_dir = %settings.state_dir.display(),

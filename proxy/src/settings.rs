@@ -25,9 +25,13 @@ pub struct ServeArgs {
     /// Directory holding the CA, serving certificate and signing key [default: tether-state].
     #[arg(long, env = "TETHER_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Where agents connect (TLS) [default: 0.0.0.0:8443].
+    /// Where agents connect: TLS on this TCP port, QUIC on the same UDP port number
+    /// [default: 0.0.0.0:8443].
     #[arg(long, env = "TETHER_AGENT_ADDR")]
     pub agent_addr: Option<String>,
+    /// Agent transports to listen for: tls (TCP), quic (UDP), or both [default: tls,quic].
+    #[arg(long, env = "TETHER_TRANSPORTS", value_delimiter = ',')]
+    pub transports: Vec<String>,
     /// Where host-side callers connect (HTTPS: CONNECT, gateway) [default: 0.0.0.0:9443].
     #[arg(long, env = "TETHER_FRONT_ADDR")]
     pub front_addr: Option<String>,
@@ -62,6 +66,7 @@ pub struct ServeArgs {
 struct ConfigFile {
     state_dir: Option<PathBuf>,
     agent_addr: Option<String>,
+    transports: Option<OneOrMany>,
     front_addr: Option<String>,
     admin_addr: Option<String>,
     publish_address: Option<String>,
@@ -73,6 +78,23 @@ struct ConfigFile {
     #[serde(default, with = "humantime_serde_opt")]
     drain_timeout: Option<Duration>,
     proxy_id: Option<String>,
+}
+
+/// A list in the config file, or one comma-separated string as on the command line.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => s.split(',').map(str::to_string).collect(),
+            OneOrMany::Many(v) => v,
+        }
+    }
 }
 
 /// Durations in the config file are written like flags: `5s`, `1m30s`.
@@ -92,6 +114,7 @@ mod humantime_serde_opt {
 pub struct Settings {
     pub state_dir: PathBuf,
     pub agent_addr: String,
+    pub transports: Transports,
     pub front_addr: String,
     pub admin_addr: String,
     pub publish_address: PublishAddress,
@@ -100,6 +123,58 @@ pub struct Settings {
     pub max_streams_per_session: usize,
     pub drain_timeout: Duration,
     pub proxy_id: String,
+}
+
+/// Which agent transports the proxy listens for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transports {
+    /// TLS 1.3 over TCP, yamux on top.
+    pub tls: bool,
+    /// QUIC over UDP, on the same port number.
+    pub quic: bool,
+}
+
+impl Default for Transports {
+    fn default() -> Self {
+        Transports {
+            tls: true,
+            quic: true,
+        }
+    }
+}
+
+impl Transports {
+    /// Parses names like `tls`, `quic` (any case, blanks ignored); at least one is required.
+    pub fn parse<S: AsRef<str>>(names: &[S]) -> Result<Self> {
+        let mut t = Transports {
+            tls: false,
+            quic: false,
+        };
+        for name in names {
+            match name.as_ref().trim().to_ascii_lowercase().as_str() {
+                "tls" => t.tls = true,
+                "quic" => t.quic = true,
+                "" => {}
+                other => {
+                    bail!("transport {other:?}: expected tls or quic (e.g. --transports tls,quic)")
+                }
+            }
+        }
+        if !t.tls && !t.quic {
+            bail!("no agent transport left: --transports needs tls, quic or both");
+        }
+        Ok(t)
+    }
+}
+
+impl std::fmt::Display for Transports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = [(self.tls, "tls"), (self.quic, "quic")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
+        f.write_str(&names.join(","))
+    }
 }
 
 /// Where agents reach the proxy: scheme (`tls`, `quic`, `auto`), host and port.
@@ -183,6 +258,13 @@ impl ServeArgs {
                 }
             }
         };
+        let transports = if !self.transports.is_empty() {
+            Transports::parse(&self.transports)?
+        } else if let Some(t) = file.transports {
+            Transports::parse(&t.into_vec())?
+        } else {
+            Transports::default()
+        };
         let mut expose = self.expose;
         for e in file.expose {
             expose.push(e.parse().map_err(anyhow::Error::msg)?);
@@ -193,6 +275,7 @@ impl ServeArgs {
                 .or(file.state_dir)
                 .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             agent_addr,
+            transports,
             front_addr: self
                 .front_addr
                 .or(file.front_addr)
@@ -269,8 +352,42 @@ mod tests {
         assert_eq!(s.expose.len(), 1);
         assert_eq!(s.heartbeat_interval, Duration::from_secs(2));
         assert_eq!(s.publish_address.to_string(), "tls://127.0.0.1:1111");
+        assert_eq!(s.transports, Transports::default());
         std::fs::write(&f, "agentAdr: typo\n").unwrap();
         let err = ServeArgs { config: Some(f), ..Default::default() }.resolve().unwrap_err();
         assert!(format!("{err:#}").contains("agentAdr"), "{err:#}");
+    }
+
+    #[test]
+    fn transports_from_flags_and_file() {
+        let t = Transports::parse(&["tls"]).unwrap();
+        assert!(t.tls && !t.quic);
+        assert_eq!(
+            Transports::parse(&["QUIC", " tls "]).unwrap().to_string(),
+            "tls,quic"
+        );
+        assert!(Transports::parse(&["udp"]).is_err());
+        assert!(Transports::parse::<&str>(&[]).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        for text in ["transports: [quic]\n", "transports: quic\n"] {
+            std::fs::write(&f, text).unwrap();
+            let s = ServeArgs {
+                config: Some(f.clone()),
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap();
+            assert_eq!(s.transports.to_string(), "quic", "{text}");
+        }
+        // The flag wins over the file.
+        let s = ServeArgs {
+            config: Some(f),
+            transports: vec!["tls".into()],
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(s.transports.to_string(), "tls");
     }
 }

@@ -2,7 +2,9 @@
 //! temporary state dir, and gives tests what they need to talk to them.
 //!
 //! - [`Proxy`]: a proxy process with free ports, helpers to mint tokens and read status;
-//! - [`Agent`]: an agent process for one cluster;
+//! - [`Agent`]: an agent process for one cluster, dialing with the scheme
+//!   [`ProxyOptions::agent_transport`] says; [`per_transport!`] runs a test body once per
+//!   transport (TLS, QUIC);
 //! - [`connect_via_front`]: a CONNECT through the front, as a caller would send it;
 //! - upstreams that stand in for a member's API server: [`TlsEchoUpstream`] (TLS, banner then
 //!   echo), [`TcpEchoUpstream`], [`TcpSourceUpstream`] (sends bytes until the client goes).
@@ -123,6 +125,65 @@ impl Drop for Process {
     }
 }
 
+/// How agents dial the proxy: the scheme of their `--proxy`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// `tls://`: TLS over TCP, yamux on top.
+    #[default]
+    Tls,
+    /// `quic://`: QUIC over UDP.
+    Quic,
+    /// `auto://`: QUIC, falling back to TLS.
+    Auto,
+}
+
+impl Transport {
+    /// The scheme of the agent's `--proxy`.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Transport::Tls => "tls",
+            Transport::Quic => "quic",
+            Transport::Auto => "auto",
+        }
+    }
+
+    /// What the proxy reports as the session's transport (`/api/v1/clusters`, metrics) when
+    /// an agent dialed with this scheme (`auto://` here reports QUIC, what it prefers).
+    pub fn session_name(self) -> &'static str {
+        match self {
+            Transport::Tls => "tls+yamux",
+            Transport::Quic | Transport::Auto => "quic",
+        }
+    }
+}
+
+/// Generates, for an `async fn NAME(t: Transport)` test body, one test per transport:
+/// `NAME::tls` and `NAME::quic`. The body stays an ordinary function next to it.
+///
+/// ```ignore
+/// per_transport!(routes_streams);
+/// async fn routes_streams(t: Transport) {
+///     let proxy = Proxy::start(ProxyOptions::over(t)).await;
+///     // ...
+/// }
+/// ```
+#[macro_export]
+macro_rules! per_transport {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn tls() {
+                super::$name($crate::harness::Transport::Tls).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn quic() {
+                super::$name($crate::harness::Transport::Quic).await
+            }
+        }
+    };
+}
+
 /// Options for starting a proxy.
 #[derive(Default, Clone)]
 pub struct ProxyOptions {
@@ -130,6 +191,20 @@ pub struct ProxyOptions {
     pub expose: Vec<String>,
     /// Further flags.
     pub args: Vec<String>,
+    /// How agents started with [`Agent::start`] dial this proxy.
+    pub agent_transport: Transport,
+    /// The proxy's `--transports` (e.g. `"tls"`); `None` leaves the default (both).
+    pub transports: Option<String>,
+}
+
+impl ProxyOptions {
+    /// Default options, with agents dialing over `t`.
+    pub fn over(t: Transport) -> ProxyOptions {
+        ProxyOptions {
+            agent_transport: t,
+            ..Default::default()
+        }
+    }
 }
 
 /// A running `tether-proxy serve`.
@@ -187,6 +262,9 @@ impl Proxy {
             cmd.arg("--expose")
                 .arg(format!("{cluster}=127.0.0.1:{port}"));
         }
+        if let Some(t) = &self.opts.transports {
+            cmd.arg("--transports").arg(t);
+        }
         cmd.args(&self.opts.args);
         let log = self.dir.path().join(format!("proxy-{}.log", self.starts));
         let mut process = Process::spawn(&mut cmd, log);
@@ -208,6 +286,11 @@ impl Proxy {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.process = Some(process);
+    }
+
+    /// The options the next [`launch`](Self::launch) uses (e.g. other `--transports`).
+    pub fn options_mut(&mut self) -> &mut ProxyOptions {
+        &mut self.opts
     }
 
     pub fn process(&mut self) -> &mut Process {
@@ -324,7 +407,11 @@ impl Agent {
         std::fs::write(&token_file, token).expect("writing token");
         let mut cmd = Command::new(bin("tether-agent"));
         cmd.arg("--proxy")
-            .arg(format!("tls://127.0.0.1:{}", proxy.agent_port))
+            .arg(format!(
+                "{}://127.0.0.1:{}",
+                proxy.opts.agent_transport.scheme(),
+                proxy.agent_port
+            ))
             .arg("--cluster")
             .arg(cluster)
             .arg("--token-file")
@@ -371,7 +458,7 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
 /// The result of a CONNECT through the front.
 pub enum ConnectOutcome {
     /// 200: the stream now carries raw bytes to the cluster's API server.
-    Tunnel(TlsStream<tokio::net::TcpStream>),
+    Tunnel(Box<TlsStream<tokio::net::TcpStream>>),
     /// Anything else: status and the response body (the reason).
     Refused(u16, String),
 }
@@ -379,7 +466,7 @@ pub enum ConnectOutcome {
 impl ConnectOutcome {
     pub fn tunnel(self) -> TlsStream<tokio::net::TcpStream> {
         match self {
-            ConnectOutcome::Tunnel(t) => t,
+            ConnectOutcome::Tunnel(t) => *t,
             ConnectOutcome::Refused(code, body) => panic!("CONNECT refused: {code} {body}"),
         }
     }
@@ -420,7 +507,7 @@ pub async fn connect_via_front(proxy: &Proxy, cluster: &str, auth: Option<&str>)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("malformed CONNECT response: {head:?}"));
     if status == 200 {
-        return ConnectOutcome::Tunnel(tls);
+        return ConnectOutcome::Tunnel(Box::new(tls));
     }
     let len: usize = head
         .lines()

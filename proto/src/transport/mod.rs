@@ -9,8 +9,8 @@
 //!   own flow control: a stream whose reader stops never delays another stream.
 //!
 //! How bytes travel is the business of a transport module: [`tls`] (TLS 1.3 over TCP, with
-//! yamux on top). A second transport (QUIC) plugs in by producing the same [`Session`]; the
-//! proxy and agent logic above does not change.
+//! yamux on top) or [`quic`] (QUIC over UDP, native streams). Each produces the same
+//! [`Session`]; the proxy and agent logic above does not change with the transport.
 //!
 //! Roles: the agent always dials, and opens the first stream (the control stream); the proxy
 //! opens one data stream per host request.
@@ -20,6 +20,7 @@
 //! (just that stream); a peer that opens one more gets it closed at once. The multiplexer's
 //! own limit sits above ours, so it never has to tear the whole connection down.
 
+pub mod quic;
 pub mod tls;
 mod yamux;
 

@@ -1,0 +1,182 @@
+//! What both ends of the kube gateway share: Kubernetes `Status` error bodies, and header
+//! hygiene for requests forwarded on behalf of a caller.
+//!
+//! The caller's own credentials (`Authorization`, `Proxy-Authorization`) and any
+//! `Impersonate-*` header it sent are never forwarded: the proxy strips them, and the agent
+//! strips them again before adding its own credentials and the verified identity. Hop-by-hop
+//! headers are dropped, except that an upgrade request keeps `Connection: Upgrade` and
+//! `Upgrade` so exec, attach and port-forward work.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+
+/// The body type of gateway responses: a stream of bytes that may fail.
+pub type Body = BoxBody<Bytes, BoxError>;
+/// Error type inside [`Body`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Wraps any body into a [`Body`].
+pub fn boxed<B>(body: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
+}
+
+/// A body holding `bytes`.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    boxed(Full::new(bytes.into()))
+}
+
+/// The Kubernetes `reason` for an HTTP status.
+pub fn status_reason(code: StatusCode) -> &'static str {
+    match code.as_u16() {
+        400 => "BadRequest",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "NotFound",
+        409 => "AlreadyExists",
+        429 => "TooManyRequests",
+        500 => "InternalError",
+        502 | 503 => "ServiceUnavailable",
+        504 => "Timeout",
+        _ => "Unknown",
+    }
+}
+
+/// A Kubernetes `Status` object (`kind: Status`, `status: Failure`) as JSON.
+pub fn status_json(code: StatusCode, message: &str) -> String {
+    serde_json::json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": status_reason(code),
+        "code": code.as_u16(),
+    })
+    .to_string()
+}
+
+/// A response carrying a Kubernetes `Status`, so kubectl prints `message`.
+pub fn status_response(code: StatusCode, message: &str) -> Response<Body> {
+    let mut resp = Response::new(full(status_json(code, message)));
+    *resp.status_mut() = code;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// Whether a request asks for a protocol upgrade (exec, attach, port-forward: SPDY or
+/// WebSocket).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), plus the legacy `Proxy-Connection`.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers (and those named in `Connection`). For an upgrade, keeps
+/// `Connection: Upgrade` and `Upgrade`.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let upgrade = is_upgrade(headers);
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && n == header::UPGRADE))
+        .collect();
+    let kept_upgrade = if upgrade { headers.get(header::UPGRADE).cloned() } else { None };
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(*h);
+    }
+    if let Some(u) = kept_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.insert(header::UPGRADE, u);
+    }
+}
+
+/// Removes the caller's credentials and any impersonation it asked for.
+pub fn strip_caller_credentials(headers: &mut HeaderMap) {
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    let impersonation: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("impersonate-"))
+        .cloned()
+        .collect();
+    for k in impersonation {
+        headers.remove(k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_is_kubernetes_shaped() {
+        let v: serde_json::Value =
+            serde_json::from_str(&status_json(StatusCode::FORBIDDEN, "no")).unwrap();
+        assert_eq!(v["kind"], "Status");
+        assert_eq!(v["status"], "Failure");
+        assert_eq!(v["reason"], "Forbidden");
+        assert_eq!(v["code"], 403);
+        assert_eq!(v["message"], "no");
+    }
+
+    #[test]
+    fn strips_credentials_and_impersonation() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "Bearer x".parse().unwrap());
+        h.insert("impersonate-user", "admin".parse().unwrap());
+        h.insert("impersonate-group", "system:masters".parse().unwrap());
+        h.insert("impersonate-extra-scopes", "x".parse().unwrap());
+        h.insert("accept", "application/json".parse().unwrap());
+        strip_caller_credentials(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("accept"));
+    }
+
+    #[test]
+    fn hop_by_hop_but_upgrade_kept() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-private".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("accept", "*/*".parse().unwrap());
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+
+        let mut h = HeaderMap::new();
+        h.insert("connection", "Upgrade".parse().unwrap());
+        h.insert("upgrade", "SPDY/3.1".parse().unwrap());
+        assert!(is_upgrade(&h));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.get("upgrade").unwrap(), "SPDY/3.1");
+        assert_eq!(h.get("connection").unwrap(), "Upgrade");
+    }
+}
