@@ -85,15 +85,42 @@ wait_http "http://127.0.0.1:$ADMIN_PORT/readyz" "tether-proxy"
 (umask 077; "$BIN/tether-proxy" token agent --state-dir "$DIR/state" --cluster local > "$DIR/agent.token")
 (umask 077; "$BIN/tether-proxy" token client --state-dir "$DIR/state" --user quickstart --clusters local > "$DIR/client.token")
 
+# The agent's own credentials for the member API server (used by the kube gateway; they never
+# leave the member side). The demo API server accepts any token.
+AGENT_CREDS=()
+if [ -n "$MEMBER_CA" ] && [ -s "$MEMBER_CA" ]; then
+  AGENT_CREDS+=(--upstream-ca-file "$MEMBER_CA")
+  if [ "$FROM_KUBECONFIG" = 1 ]; then
+    TOKEN=$(kubectl config view --minify --raw -o jsonpath='{.users[0].user.token}' || true)
+  else
+    TOKEN=demo-agent-service-account-token
+  fi
+  if [ -n "$TOKEN" ]; then
+    (umask 077; printf '%s' "$TOKEN" > "$DIR/agent-upstream.token")
+    AGENT_CREDS+=(--upstream-token-file "$DIR/agent-upstream.token")
+  fi
+fi
+
 echo "==> starting tether-agent for cluster local"
 "$BIN/tether-agent" --proxy "tls://127.0.0.1:$AGENT_PORT" --cluster local \
   --token-file "$DIR/agent.token" --ca-file "$DIR/state/ca.crt" --upstream "$UPSTREAM" \
-  > "$DIR/agent.log" 2>&1 &
+  ${AGENT_CREDS[@]+"${AGENT_CREDS[@]}"} > "$DIR/agent.log" 2>&1 &
 PIDS+=($!)
-for _ in $(seq 1 100); do
-  if curl -fsS "http://127.0.0.1:$ADMIN_PORT/api/v1/clusters" 2>/dev/null | grep -q '"connected": true'; then break; fi
+connected=0
+for _ in $(seq 1 150); do
+  if curl -fsS "http://127.0.0.1:$ADMIN_PORT/api/v1/clusters" 2>/dev/null | grep -q '"connected": true'; then connected=1; break; fi
   sleep 0.1
 done
+if [ "$connected" != 1 ]; then
+  echo "the agent did not connect within 15 s; its log ($DIR/agent.log) ends with:" >&2
+  tail -n 20 "$DIR/agent.log" >&2
+  exit 1
+fi
+
+# A kubeconfig for the kube gateway: https://FRONT/clusters/local, a client token for user
+# "quickstart"; the agent impersonates that user towards the member.
+(umask 077; "$BIN/tether-proxy" kubeconfig --state-dir "$DIR/state" --cluster local \
+  --user quickstart --group demo --server "https://127.0.0.1:$FRONT_PORT" > "$DIR/gateway.kubeconfig")
 
 # A kubeconfig that reaches the member through the proxy's CONNECT front. client-go checks
 # the https proxy's certificate against certificate-authority-data, so the bundle holds both
@@ -128,7 +155,9 @@ tether is up: proxy + agent for cluster "local" on loopback.
 
 Try these (each goes through the proxy and the agent to the member's API server):
 
-  kubectl --kubeconfig $DIR/kubeconfig get namespaces
+  kubectl --kubeconfig $DIR/gateway.kubeconfig get namespaces      # the kube gateway
+  kubectl --kubeconfig $DIR/gateway.kubeconfig create configmap hello --from-literal=a=b
+  kubectl --kubeconfig $DIR/kubeconfig get namespaces              # CONNECT (proxy-url)
   curl --cacert $MEMBER_CA --connect-to $MEMBER_HOST:$EXPOSE_PORT:127.0.0.1:$EXPOSE_PORT https://$MEMBER_HOST:$EXPOSE_PORT/version
   curl http://127.0.0.1:$ADMIN_PORT/api/v1/clusters
   $BIN/tether-proxy clusters --admin-addr 127.0.0.1:$ADMIN_PORT
@@ -138,6 +167,9 @@ EOF
 
 if [ "$CHECK" = 1 ]; then
   echo "==> --check: running the commands above"
+  kubectl --kubeconfig "$DIR/gateway.kubeconfig" get namespaces | tee "$DIR/check.out"
+  grep -q default "$DIR/check.out"
+  kubectl --kubeconfig "$DIR/gateway.kubeconfig" create configmap hello --from-literal=a=b
   kubectl --kubeconfig "$DIR/kubeconfig" get namespaces | tee "$DIR/check.out"
   grep -q default "$DIR/check.out"
   curl -fsS --cacert "$MEMBER_CA" --connect-to "$MEMBER_HOST:$EXPOSE_PORT:127.0.0.1:$EXPOSE_PORT" \
