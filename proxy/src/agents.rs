@@ -318,7 +318,8 @@ async fn control_loop(control: MuxStream, agent: &Arc<AgentSession>, gate: &Agen
                             }
                         }
                         Some(control_message::Message::Ping(p)) => {
-                            if write_message(&mut wr, &ControlMessage::pong(p.nonce)).await.is_err() {
+                            let answered = write_message(&mut wr, &ControlMessage::pong(p.nonce)).await;
+                            if answered.is_err() {
                                 break "control stream write failed".into();
                             }
                         }

@@ -48,10 +48,13 @@ struct PoolKey {
     groups: Vec<String>,
 }
 
+/// Idle HTTP/1.1 connections on tunnel streams, with when each was parked.
+type IdlePool = HashMap<PoolKey, Vec<(SendRequest<Body>, Instant)>>;
+
 /// The gateway and its pool of tunnel streams.
 pub struct Gateway {
     registry: Arc<SessionRegistry>,
-    idle: Mutex<HashMap<PoolKey, Vec<(SendRequest<Body>, Instant)>>>,
+    idle: Mutex<IdlePool>,
 }
 
 /// Splits `/clusters/{name}/{rest}` into `(name, /{rest})`.

@@ -430,7 +430,7 @@ async fn large_and_many_responses_with_bounded_proxy_memory() {
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame.unwrap().into_data() {
             for (i, b) in data.iter().enumerate() {
-                if (got + i as u64) % 4093 == 0 {
+                if (got + i as u64).is_multiple_of(4093) {
                     assert_eq!(*b, tether_tests::fixture::blob_pattern(got + i as u64));
                 }
             }

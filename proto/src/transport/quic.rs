@@ -80,6 +80,13 @@ pub const STREAM_HEADROOM: usize = 256;
 /// UDP socket send and receive buffers asked of the kernel: 4 MiB.
 pub const SOCKET_BUFFER: usize = 4 << 20;
 
+/// Round trip assumed before one is measured. quinn's 333 ms (the RFC's) retransmits an
+/// unanswered first packet after ~1 s and then ~3 s, so an `auto://` agent whose QUIC attempt
+/// began while the proxy was restarting gets only two tries within its fallback window and
+/// often settles on TLS; 100 ms gives four. Past the first round trip the measured value
+/// rules, so slower links cost at most a few early retransmissions.
+pub const INITIAL_RTT: Duration = Duration::from_millis(100);
+
 /// Connection attempts whose handshake has not finished yet, at most, on one listener.
 pub const MAX_PENDING_HANDSHAKES: usize = 4096;
 
@@ -248,7 +255,8 @@ fn transport_config(cfg: &SessionConfig, quic: &QuicConfig) -> Result<TransportC
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
         .send_window(SEND_WINDOW)
         .keep_alive_interval(Some(quic.keep_alive))
-        .max_idle_timeout(Some(idle));
+        .max_idle_timeout(Some(idle))
+        .initial_rtt(INITIAL_RTT);
     Ok(t)
 }
 
