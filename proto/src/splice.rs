@@ -3,12 +3,21 @@
 //! Each direction ends when its reader reaches end of stream; the writer is then shut down
 //! (half-close), and the other direction keeps flowing until it ends too. Counters are updated
 //! as bytes move, so status pages see long transfers while they run.
+//!
+//! Memory: a direction holds its copy buffer only while data is moving. When its reader has
+//! nothing to give and nothing is waiting to be written, the buffer is freed, so an idle
+//! connection costs no buffer at all; a busy one costs [`SPLICE_BUFFER`] per direction.
+//! Both streams are polled from one task without locks (no `tokio::io::split`).
 
+use std::future::poll_fn;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::task::{ready, Context, Poll};
 
-/// Size of each direction's copy buffer.
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Size of each direction's copy buffer while it is in use.
 pub const SPLICE_BUFFER: usize = 64 * 1024;
 
 /// Bytes moved by a finished [`splice`].
@@ -25,8 +34,8 @@ pub struct Spliced {
 /// `a_to_b` and `b_to_a` (if given) are incremented as bytes move. Returns when both
 /// directions have ended, or with the first error.
 pub async fn splice<A, B>(
-    a: A,
-    b: B,
+    mut a: A,
+    mut b: B,
     a_to_b: Option<&AtomicU64>,
     b_to_a: Option<&AtomicU64>,
 ) -> io::Result<Spliced>
@@ -34,55 +43,125 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
-    let (x, y) = tokio::try_join!(
-        copy_then_shutdown(&mut ar, &mut bw, a_to_b),
-        copy_then_shutdown(&mut br, &mut aw, b_to_a),
-    )?;
-    Ok(Spliced {
-        a_to_b: x,
-        b_to_a: y,
+    let mut ab = Direction::new(a_to_b);
+    let mut ba = Direction::new(b_to_a);
+    poll_fn(|cx| {
+        let ab_done = ab.poll_copy(cx, &mut a, &mut b)?.is_ready();
+        let ba_done = ba.poll_copy(cx, &mut b, &mut a)?.is_ready();
+        if ab_done && ba_done {
+            Poll::Ready(Ok(Spliced {
+                a_to_b: ab.total,
+                b_to_a: ba.total,
+            }))
+        } else {
+            Poll::Pending
+        }
     })
+    .await
 }
 
-async fn copy_then_shutdown<R, W>(
-    r: &mut R,
-    w: &mut W,
-    counter: Option<&AtomicU64>,
-) -> io::Result<u64>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; SPLICE_BUFFER];
-    let mut total = 0u64;
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        w.write_all(&buf[..n]).await?;
-        w.flush().await?;
-        total += n as u64;
-        if let Some(c) = counter {
-            c.fetch_add(n as u64, Ordering::Relaxed);
+/// One direction of a splice: a lazily allocated buffer and where it stands.
+struct Direction<'c> {
+    buf: Option<Box<[u8]>>,
+    /// Bytes `buf[pos..cap]` are read but not yet written.
+    pos: usize,
+    cap: usize,
+    /// Written bytes not yet flushed.
+    need_flush: bool,
+    read_done: bool,
+    finished: bool,
+    total: u64,
+    counter: Option<&'c AtomicU64>,
+}
+
+impl<'c> Direction<'c> {
+    fn new(counter: Option<&'c AtomicU64>) -> Self {
+        Direction {
+            buf: None,
+            pos: 0,
+            cap: 0,
+            need_flush: false,
+            read_done: false,
+            finished: false,
+            total: 0,
+            counter,
         }
     }
-    // The peer may already be gone; a failed shutdown does not undo a finished copy.
-    let _ = w.shutdown().await;
-    Ok(total)
+
+    /// Moves bytes from `r` to `w` until `r` ends (then shuts `w` down) or something is
+    /// pending. Ready once this direction is finished.
+    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            // Refill when everything read so far has been written.
+            if self.pos == self.cap && !self.read_done {
+                let buf = self
+                    .buf
+                    .get_or_insert_with(|| vec![0u8; SPLICE_BUFFER].into_boxed_slice());
+                let mut rb = ReadBuf::new(buf);
+                match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        if n == 0 {
+                            self.read_done = true;
+                            self.buf = None;
+                        } else {
+                            self.pos = 0;
+                            self.cap = n;
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        // Idle: give the buffer back, and push out what was written.
+                        self.buf = None;
+                        if self.need_flush {
+                            ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            // Drain the buffer into the writer.
+            while self.pos < self.cap {
+                let buf = self.buf.as_ref().expect("buffer holds unwritten bytes");
+                let n = ready!(Pin::new(&mut *w).poll_write(cx, &buf[self.pos..self.cap]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+                self.total += n as u64;
+                self.need_flush = true;
+                if let Some(c) = self.counter {
+                    c.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+            if self.read_done {
+                ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                // The peer may already be gone; a failed shutdown does not undo the copy.
+                let _ = ready!(Pin::new(&mut *w).poll_shutdown(cx));
+                self.finished = true;
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn copies_both_ways_and_half_closes() {
         let (client, a) = tokio::io::duplex(1024);
         let (b, server) = tokio::io::duplex(1024);
-        let counter = AtomicU64::new(0);
         let task = tokio::spawn(async move {
             let c = AtomicU64::new(0);
             let r = splice(a, b, Some(&c), None).await.unwrap();
@@ -102,14 +181,30 @@ mod tests {
         cr.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, b"world!");
         let (r, c) = task.await.unwrap();
-        assert_eq!(
-            r,
-            Spliced {
-                a_to_b: 5,
-                b_to_a: 6
-            }
-        );
+        assert_eq!(r, Spliced { a_to_b: 5, b_to_a: 6 });
         assert_eq!(c, 5);
-        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[tokio::test]
+    async fn moves_more_than_a_buffer_through_small_pipes() {
+        let (client, a) = tokio::io::duplex(777);
+        let (b, server) = tokio::io::duplex(333);
+        let task = tokio::spawn(async move { splice(a, b, None, None).await.unwrap() });
+        let data: Vec<u8> = (0..(5 * SPLICE_BUFFER + 123)).map(|i| (i % 253) as u8).collect();
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let (mut sr, mut sw) = tokio::io::split(server);
+        let send = data.clone();
+        let writer = tokio::spawn(async move {
+            cw.write_all(&send).await.unwrap();
+            cw.shutdown().await.unwrap();
+        });
+        let mut got = Vec::new();
+        sr.read_to_end(&mut got).await.unwrap();
+        assert!(got == data);
+        sw.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        cr.read_to_end(&mut rest).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(task.await.unwrap().a_to_b, data.len() as u64);
     }
 }
