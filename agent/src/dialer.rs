@@ -418,7 +418,17 @@ async fn dial(
     plan: Plan,
 ) -> Result<Session, SessionError> {
     let (addr, name) = (settings.proxy_addr.as_str(), settings.server_name.as_str());
-    let tls = || tls::connect(addr, name, client_tls.clone(), session_cfg);
+    // Over TCP, ALPN asks for the multiplexer (`tether/1` = yamux, `h2` = HTTP/2); QUIC
+    // always negotiates `tether/1`.
+    let tcp_tls = match settings.mux {
+        tls::Mux::Yamux => client_tls.clone(),
+        mux => {
+            let mut config = (**client_tls).clone();
+            config.alpn_protocols = vec![mux.alpn().to_vec()];
+            Arc::new(config)
+        }
+    };
+    let tls = || tls::connect(addr, name, tcp_tls.clone(), session_cfg);
     match plan {
         Plan::Tls => tls().await,
         Plan::Quic => quic::connect(addr, name, client_tls.clone(), session_cfg).await,

@@ -58,6 +58,10 @@ pub struct AgentArgs {
     /// the agent itself.
     #[arg(long, env = "TETHER_IDENTITY", value_enum, default_value = "impersonate")]
     pub identity: crate::kube::IdentityMode,
+    /// Stream multiplexer over tls://: yamux or h2 (HTTP/2, which also looks like ordinary
+    /// HTTPS to egress middleboxes).
+    #[arg(long, env = "TETHER_MUX", value_parser = parse_mux, default_value = "yamux")]
+    pub mux: tether_proto::transport::tls::Mux,
     /// On SIGTERM, how long open streams may take to finish.
     #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -89,6 +93,8 @@ pub struct Settings {
     /// Credentials for the kube gateway; `None` when none are configured (gateway streams are
     /// then refused with the reason).
     pub kube: Option<crate::kube::KubeCredentials>,
+    /// Multiplexer over TLS.
+    pub mux: tether_proto::transport::tls::Mux,
     pub identity: crate::kube::IdentityMode,
 }
 
@@ -121,6 +127,7 @@ impl AgentArgs {
         let kube = self.kube_credentials()?;
         Ok(Settings {
             kube,
+            mux: self.mux,
             identity: self.identity,
             proxy_addr: join_host_port(&host, port),
             transport,
@@ -209,6 +216,15 @@ pub fn parse_proxy(proxy: &str) -> Result<(ProxyTransport, String, u16)> {
     let (host, port) = split_host_port(rest.trim_end_matches('/'), None)
         .with_context(|| format!("--proxy {proxy:?}: {expected}"))?;
     Ok((transport, host, port))
+}
+
+fn parse_mux(s: &str) -> Result<tether_proto::transport::tls::Mux, String> {
+    use tether_proto::transport::tls::Mux;
+    match s {
+        "yamux" => Ok(Mux::Yamux),
+        "h2" | "http2" => Ok(Mux::H2),
+        other => Err(format!("--mux {other:?}: expected yamux or h2")),
+    }
 }
 
 /// `https://host[:port][/...]` or `host:port` → `host:port` (443 when an https URL has none).

@@ -175,12 +175,21 @@ impl Ctx {
         let usage = match (before, sample().ok()) {
             (Some((t0, (p0, a0), b0, (busy0, tot0))), Some((t1, (p1, a1), b1, (busy1, tot1)))) => {
                 let wall = (t1 - t0).as_secs_f64().max(1e-9);
+                let cpus = std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1);
+                let host_busy = (busy1 - busy0) as f64 / (tot1 - tot0).max(1) as f64;
+                let proxy_cores = (p1 - p0).as_secs_f64() / wall;
+                let agent_cores = (a1 - a0).as_secs_f64() / wall;
+                let bench_cores = (b1 - b0).as_secs_f64() / wall;
                 Some(Usage {
                     wall_s: wall,
-                    proxy_cores: (p1 - p0).as_secs_f64() / wall,
-                    agent_cores: (a1 - a0).as_secs_f64() / wall,
-                    bench_cores: (b1 - b0).as_secs_f64() / wall,
-                    host_busy_pct: 100.0 * (busy1 - busy0) as f64 / (tot1 - tot0).max(1) as f64,
+                    proxy_cores,
+                    agent_cores,
+                    bench_cores,
+                    host_busy_pct: 100.0 * host_busy,
+                    rest_cores: (host_busy * cpus as f64 - proxy_cores - agent_cores - bench_cores)
+                        .max(0.0),
                 })
             }
             _ => None,

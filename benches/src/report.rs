@@ -66,6 +66,9 @@ pub struct Usage {
     pub bench_cores: f64,
     /// The whole host busy, percent of all CPUs (other work on the machine included).
     pub host_busy_pct: f64,
+    /// Busy cores not accounted to the three processes above: softirq time, and any other
+    /// work on the machine (a shared machine shows up here).
+    pub rest_cores: f64,
 }
 
 impl Row {

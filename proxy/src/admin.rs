@@ -5,6 +5,10 @@
 //!   shutting down.
 //! - `/api/v1/clusters`: JSON array of cluster status (see [`ClusterStatus`]).
 //! - `/metrics`: Prometheus text.
+//! - `/api/v1/publish-address`: the address agents dial, or why there is none yet (JSON, see
+//!   [`PublishStatus`](crate::publish::PublishStatus)).
+//! - `/api/v1/clusters/{name}/check[?namespace=NS&skipNamespaceCheck=true]`: the connectivity
+//!   check through the tunnel ([`crate::check`]); 200 when it passed, 503 when a step failed.
 //!
 //! [`ClusterStatus`]: crate::registry::ClusterStatus
 
@@ -29,6 +33,8 @@ pub struct Admin {
     pub registry: Arc<SessionRegistry>,
     pub ready: Arc<AtomicBool>,
     pub shutdown: CancellationToken,
+    /// The publish address (for `/readyz` while `auto` waits, and for `tether-proxy manifest`).
+    pub publish: Arc<crate::publish::Publish>,
 }
 
 /// Serves the admin port until `shutdown` (it keeps answering during the drain, so
@@ -49,7 +55,13 @@ pub async fn serve(listener: TcpListener, admin: Admin, stop: CancellationToken)
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(req)) }
+                async move {
+                    if let Some(cluster) = check_path(req.uri().path()) {
+                        let cluster = cluster.to_string();
+                        return Ok::<_, Infallible>(admin.check(&cluster, req.uri().query()).await);
+                    }
+                    Ok::<_, Infallible>(admin.handle(req))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -71,6 +83,17 @@ impl Admin {
                         "text/plain",
                         "shutting down\n".into(),
                     )
+                } else if let Some(why) = self
+                    .ready
+                    .load(Ordering::Relaxed)
+                    .then(|| self.publish.waiting())
+                    .flatten()
+                {
+                    respond(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        format!("no publish address yet: {why}\n"),
+                    )
                 } else if self.ready.load(Ordering::Relaxed) {
                     respond(StatusCode::OK, "text/plain", "ok\n".into())
                 } else {
@@ -86,6 +109,11 @@ impl Admin {
                 "application/json",
                 serde_json::to_string_pretty(&self.registry.status()).expect("status serializes"),
             ),
+            "/api/v1/publish-address" => respond(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string_pretty(&self.publish.status()).expect("status serializes"),
+            ),
             "/metrics" => respond(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -94,9 +122,42 @@ impl Admin {
             _ => respond(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: try /healthz, /readyz, /api/v1/clusters, /metrics\n".into(),
+                "not found: try /healthz, /readyz, /api/v1/clusters, /api/v1/clusters/NAME/check, \
+                 /api/v1/publish-address, /metrics\n"
+                    .into(),
             ),
         }
+    }
+}
+
+/// `/api/v1/clusters/{name}/check` → the cluster name.
+fn check_path(path: &str) -> Option<&str> {
+    path.strip_prefix("/api/v1/clusters/")?
+        .strip_suffix("/check")
+        .filter(|c| !c.is_empty() && !c.contains('/'))
+}
+
+impl Admin {
+    /// The connectivity check of one cluster.
+    async fn check(&self, cluster: &str, query: Option<&str>) -> Response<Full<Bytes>> {
+        if let Err(e) = tether_proto::name::validate_cluster_name(cluster) {
+            return respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n"));
+        }
+        let opts = match crate::check::parse_query(query) {
+            Ok(o) => o,
+            Err(e) => return respond(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+        };
+        let report = crate::check::run(&self.registry, cluster, &opts).await;
+        let status = if report.passed {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        respond(
+            status,
+            "application/json",
+            serde_json::to_string_pretty(&report).expect("report serializes"),
+        )
     }
 }
 

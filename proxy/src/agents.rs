@@ -268,6 +268,9 @@ fn check_hello(hello: &Hello, gate: &AgentGate) -> Result<(), (RejectCode, &'sta
             ),
         ));
     }
+    gate.registry
+        .metrics()
+        .agent_token_expiry(&hello.cluster, claims.exp);
     Ok(())
 }
 

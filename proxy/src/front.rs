@@ -137,6 +137,7 @@ impl Front {
             );
         };
         let (cluster, path) = (cluster.to_string(), path.to_string());
+        let started = std::time::Instant::now();
         // A bearer token wins over a certificate, as with kube-apiserver.
         let header = req
             .headers()
@@ -159,10 +160,30 @@ impl Front {
                     http::header::WWW_AUTHENTICATE,
                     http::HeaderValue::from_static("Bearer realm=\"tether\""),
                 );
-                return resp;
+                return self.count_gateway(&cluster, started, resp);
             }
         };
-        self.gateway.handle(req, caller, &cluster, &path).await
+        let resp = self.gateway.handle(req, caller, &cluster, &path).await;
+        self.count_gateway(&cluster, started, resp)
+    }
+
+    /// Counts a gateway request in the metrics (time to the response head). Names no agent
+    /// ever connected with share one label, so callers cannot grow the label set.
+    fn count_gateway(
+        &self,
+        cluster: &str,
+        started: std::time::Instant,
+        resp: Response<Body>,
+    ) -> Response<Body> {
+        let label = if self.registry.is_known(cluster) {
+            cluster
+        } else {
+            "_unknown"
+        };
+        self.registry
+            .metrics()
+            .gateway_request(label, resp.status().as_u16(), started.elapsed());
+        resp
     }
 
     /// `CONNECT {cluster}:443`: authenticate, authorize, open a tunnel stream, then splice.

@@ -9,15 +9,21 @@
 //! - [`admin`]: health, readiness, status, metrics;
 //! - [`state`]: the state dir (CA, certificates, signing key, cluster UIDs);
 //! - [`settings`]: flags, environment and config file;
-//! - [`serve`]: wiring it together, and graceful shutdown.
+//! - [`serve`]: wiring it together, and graceful shutdown;
+//! - [`publish`]: the publish address, and `--publish-address auto` from a LoadBalancer;
+//! - [`manifest`]: the agent manifest `tether-proxy manifest` prints;
+//! - [`check`]: the connectivity check through the tunnel (`tether-proxy check`).
 
 pub mod admin;
 pub mod agents;
 pub mod callers;
+pub mod check;
 pub mod expose;
 pub mod front;
 pub mod gateway;
+pub mod manifest;
 pub mod metrics;
+pub mod publish;
 pub mod registry;
 pub mod serve;
 pub mod settings;

@@ -36,6 +36,40 @@ enum Command {
         /// Extra names for the serving certificate (the publish address host).
         #[arg(long = "name")]
         names: Vec<String>,
+        /// Print a Kubernetes Secret holding the state (CA, signing key, revocations) for the
+        /// proxy's Deployment, instead of a message: `... --output-secret | kubectl apply -f -`.
+        #[arg(long)]
+        output_secret: bool,
+        /// Name of that Secret.
+        #[arg(long, default_value = "tether-proxy-state")]
+        secret_name: String,
+        /// Namespace of that Secret.
+        #[arg(long, default_value = "tether-system")]
+        namespace: String,
+        /// First copy the state files found in this directory (a mounted Secret) into
+        /// --state-dir: how the proxy's pod gets a writable state dir.
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
+    /// Print a complete, ready-to-apply agent manifest for a member cluster (Namespace,
+    /// ServiceAccount, RBAC, Secret with a fresh agent token and the CA, Deployment).
+    Manifest(ManifestArgs),
+    /// Check a member cluster through the tunnel, step by step: agent connected, API server
+    /// reachable, /version, listing namespaces. Exits 0 only when every step passed.
+    Check {
+        #[arg(long, env = "TETHER_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+        admin_addr: String,
+        #[arg(long)]
+        cluster: String,
+        /// List pods in this namespace instead of listing namespaces.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Skip the listing step (for agents whose identity may not list).
+        #[arg(long)]
+        skip_namespace_check: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Mint or revoke tokens.
     #[command(subcommand)]
@@ -72,6 +106,44 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Flags of `tether-proxy manifest`.
+#[derive(Debug, clap::Args)]
+struct ManifestArgs {
+    #[arg(long, env = "TETHER_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// The member cluster's name (the agent token is valid for it only).
+    #[arg(long)]
+    cluster: String,
+    /// Namespace of the agent in the member cluster.
+    #[arg(long, default_value = tether_proxy::manifest::DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// How the agent dials: auto (QUIC, falling back to TLS), tls or quic [default: the
+    /// publish address's scheme].
+    #[arg(long, value_parser = ["auto", "tls", "quic"])]
+    transport: Option<String>,
+    /// Agent replicas (spread over nodes when more than one).
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// Labels the agent reports to the proxy, k=v,... (repeatable).
+    #[arg(long)]
+    labels: Vec<String>,
+    /// The tether image (it holds tether-agent).
+    #[arg(long, env = "TETHER_AGENT_IMAGE", default_value = tether_proxy::manifest::DEFAULT_IMAGE)]
+    image: String,
+    /// The address agents dial [default: asked from the running proxy at --admin-addr].
+    #[arg(long, env = "TETHER_PUBLISH_ADDRESS")]
+    publish_address: Option<String>,
+    /// The running proxy's admin address, asked for the publish address.
+    #[arg(long, env = "TETHER_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+    admin_addr: String,
+    /// Lifetime of the agent token, e.g. 8760h [default: no expiry].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    ttl: Option<Duration>,
+    /// The agent's drain on SIGTERM; the pod's grace period is this plus 10s.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -164,10 +236,38 @@ fn main() -> Result<()> {
         Command::Init {
             state_dir,
             mut names,
+            output_secret,
+            secret_name,
+            namespace,
+            from,
         } => {
+            if let Some(from) = &from {
+                copy_state(from, &state_dir)?;
+            }
             names.extend(["localhost".into(), "127.0.0.1".into(), "::1".into()]);
             StateDir::open(&state_dir, &names)?;
-            println!("state dir {} is ready", state_dir.display());
+            if output_secret {
+                print!("{}", state_secret(&state_dir, &secret_name, &namespace)?);
+            } else {
+                println!("state dir {} is ready", state_dir.display());
+            }
+            Ok(())
+        }
+        Command::Manifest(args) => manifest(args),
+        Command::Check {
+            admin_addr,
+            cluster,
+            namespace,
+            skip_namespace_check,
+            json,
+        } => {
+            let opts = tether_proxy::check::CheckOptions {
+                namespace,
+                skip_namespace_check,
+            };
+            if !tether_proxy::check::cli(&admin_addr, &cluster, &opts, json)? {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Token(TokenCommand::Agent {
@@ -261,6 +361,144 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// State files a Secret carries (the serving certificate is issued per pod).
+const SECRET_FILES: &[&str] = &["ca.crt", "ca.key", "signing.key", "revoked.txt", "clusters.json"];
+
+/// `init --from DIR`: copies the state files DIR has into `state_dir` (mode 0600).
+fn copy_state(from: &std::path::Path, state_dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating state dir {}", state_dir.display()))?;
+    let mut copied = 0;
+    for name in SECRET_FILES.iter().chain(&["server.crt", "server.key"]) {
+        let src = from.join(name);
+        match std::fs::read(&src) {
+            Ok(data) => {
+                tether_proto::tls::write_private_file(&state_dir.join(name), &data)?;
+                copied += 1;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", src.display())),
+        }
+    }
+    for required in ["ca.crt", "ca.key", "signing.key"] {
+        if !state_dir.join(required).exists() {
+            anyhow::bail!(
+                "{} has no {required}: create the Secret with `tether-proxy init --state-dir DIR \
+                 --output-secret | kubectl apply -f -`",
+                from.display()
+            );
+        }
+    }
+    tracing::info!(from = %from.display(), to = %state_dir.display(), files = copied, "copied the state");
+    Ok(())
+}
+
+/// `init --output-secret`: a Secret manifest holding the state dir's long-lived files.
+fn state_secret(state_dir: &std::path::Path, name: &str, namespace: &str) -> Result<String> {
+    use base64::Engine;
+    tether_proxy::check::validate_namespace(namespace).map_err(anyhow::Error::msg)?;
+    tether_proto::name::validate_cluster_name(name)
+        .map_err(|e| anyhow::anyhow!("--secret-name: {e}"))?;
+    let mut data = String::new();
+    for file in SECRET_FILES {
+        match std::fs::read(state_dir.join(file)) {
+            Ok(bytes) => data.push_str(&format!(
+                "  {file}: {}\n",
+                base64::engine::general_purpose::STANDARD.encode(bytes)
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {file}")),
+        }
+    }
+    Ok(format!(
+        "# tether proxy state from {dir}: the CA, its key and the token signing key.\n\
+         # Whoever holds them can mint tokens and certificates: keep this private.\n\
+         # Apply in the host cluster: kubectl apply -f THIS_FILE (or pipe into kubectl apply -f -)\n\
+         apiVersion: v1\n\
+         kind: Secret\n\
+         metadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    app.kubernetes.io/name: tether-proxy\n    app.kubernetes.io/part-of: tether\n\
+         type: Opaque\n\
+         data:\n{data}",
+        dir = state_dir.display(),
+    ))
+}
+
+/// `tether-proxy manifest`: resolves the publish address, mints a token, prints the manifest.
+fn manifest(args: ManifestArgs) -> Result<()> {
+    use tether_proxy::settings::PublishAddress;
+    tether_proto::name::validate_cluster_name(&args.cluster).map_err(anyhow::Error::msg)?;
+    let publish_address = match args.publish_address.as_deref().map(str::trim) {
+        Some(p) if !p.is_empty() && !p.eq_ignore_ascii_case("auto") => PublishAddress::parse(p)?,
+        _ => publish_address_from_proxy(&args.admin_addr)?,
+    };
+    let key = StateDir::signing_key(&args.state_dir)?;
+    let claims = Claims::agent(&args.cluster, args.ttl)?;
+    let token = key.mint(&claims);
+    let manifest = tether_proxy::manifest::AgentManifest {
+        cluster: args.cluster.clone(),
+        namespace: args.namespace,
+        publish_address,
+        transport: args.transport,
+        replicas: args.replicas,
+        labels: tether_proxy::manifest::parse_labels(&args.labels)?,
+        image: args.image,
+        token,
+        token_id: claims.jti.clone(),
+        ca_pem: StateDir::ca_cert(&args.state_dir)?,
+        drain_timeout: args.drain_timeout,
+    };
+    let text = manifest.render()?;
+    print!("{text}");
+    eprintln!(
+        "manifest for cluster {}: the agent dials {}; token id {}{}",
+        args.cluster,
+        manifest.proxy_url(),
+        claims.jti,
+        claims
+            .exp
+            .map(|e| format!(", expires at Unix time {e}"))
+            .unwrap_or_else(|| ", no expiry".into())
+    );
+    Ok(())
+}
+
+/// Asks the running proxy for its publish address; fails, saying what to do, when it has
+/// none that a member cluster could reach.
+fn publish_address_from_proxy(admin_addr: &str) -> Result<tether_proxy::settings::PublishAddress> {
+    let (code, body) = tether_proxy::check::admin_get(admin_addr, "/api/v1/publish-address", Duration::from_secs(10))
+        .with_context(|| {
+            format!(
+                "no --publish-address given, and the running proxy could not be asked for its \
+                 own at --admin-addr {admin_addr}: pass --publish-address tls://HOST:PORT (the \
+                 address member clusters reach the proxy's agent port at), or the proxy's \
+                 --admin-addr"
+            )
+        })?;
+    anyhow::ensure!(
+        code == 200,
+        "the proxy at {admin_addr} answered {code} for its publish address: {}; pass \
+         --publish-address tls://HOST:PORT",
+        body.trim()
+    );
+    let status: serde_json::Value = serde_json::from_str(&body).context("parsing the publish address")?;
+    let message = status["message"].as_str().unwrap_or("").to_string();
+    let Some(addr) = status["publishAddress"].as_str() else {
+        anyhow::bail!(
+            "the proxy does not know its publish address yet: {message}. Wait until it has one \
+             (`curl http://{admin_addr}/readyz` says), or pass --publish-address tls://HOST:PORT"
+        );
+    };
+    if status["source"] == "default" {
+        anyhow::bail!(
+            "the running proxy publishes {addr}, only a default taken from its listen address \
+             (it was started without --publish-address), which member clusters cannot reach. \
+             Restart it with --publish-address tls://PUBLIC_HOST:PORT (or auto behind a \
+             LoadBalancer), or pass --publish-address here"
+        );
+    }
+    tether_proxy::settings::PublishAddress::parse(addr)
 }
 
 /// How a kubeconfig user authenticates to the gateway.

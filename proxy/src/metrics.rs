@@ -10,6 +10,28 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A gauge holding seconds as a float.
+type Seconds = Gauge<f64, AtomicU64>;
+/// Histograms of gateway latency, one per cluster.
+type LatencyFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~32 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
 type Labels = Vec<(String, String)>;
 
 fn label(k: &str, v: &str) -> Labels {
@@ -38,6 +60,13 @@ pub struct Metrics {
     agent_auth_failures: Family<Labels, Counter>,
     caller_auth_failures: Family<Labels, Counter>,
     heartbeat_rtt: Histogram,
+    gateway_requests: Family<Labels, Counter>,
+    gateway_latency: LatencyFamily,
+    /// Seconds until expiry, recomputed from `token_expiry_at` at every scrape.
+    token_expiry: Family<Labels, Seconds>,
+    token_expiry_at: Mutex<HashMap<String, u64>>,
+    certificate_expiry: Family<Labels, Seconds>,
+    certificate_expiry_at: Mutex<HashMap<String, i64>>,
 }
 
 impl Default for Metrics {
@@ -61,6 +90,12 @@ impl Metrics {
             caller_auth_failures: Family::default(),
             // 50 µs .. ~1.6 s
             heartbeat_rtt: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
+            gateway_requests: Family::default(),
+            gateway_latency: Family::new_with_constructor(latency_histogram),
+            token_expiry: Family::default(),
+            token_expiry_at: Mutex::new(HashMap::new()),
+            certificate_expiry: Family::default(),
+            certificate_expiry_at: Mutex::new(HashMap::new()),
             registry: Registry::default(),
         };
         registry.register(
@@ -102,6 +137,26 @@ impl Metrics {
             "heartbeat_rtt_seconds",
             "Round trip of control-stream heartbeats",
             m.heartbeat_rtt.clone(),
+        );
+        registry.register(
+            "gateway_requests",
+            "Kube gateway requests, by cluster (\"_unknown\" for names never connected) and HTTP status code",
+            m.gateway_requests.clone(),
+        );
+        registry.register(
+            "gateway_request_duration_seconds",
+            "Kube gateway requests: time until the response head (a watch counts until its first byte), by cluster",
+            m.gateway_latency.clone(),
+        );
+        registry.register(
+            "agent_token_expiry_seconds",
+            "Seconds until the token the cluster's agent last authenticated with expires (negative: expired); absent for tokens without expiry",
+            m.token_expiry.clone(),
+        );
+        registry.register(
+            "certificate_expiry_seconds",
+            "Seconds until the proxy's certificates expire, by certificate (ca, server)",
+            m.certificate_expiry.clone(),
         );
         let bytes_to_agent = m.bytes.get_or_create(&label("direction", "to_agent")).clone();
         let bytes_from_agent = m.bytes.get_or_create(&label("direction", "from_agent")).clone();
@@ -174,8 +229,68 @@ impl Metrics {
         self.heartbeat_rtt.observe(micros as f64 / 1e6);
     }
 
+    /// Counts one kube gateway request. `cluster` must be a bounded label: the caller passes
+    /// `_unknown` for names no agent ever connected with.
+    pub fn gateway_request(&self, cluster: &str, code: u16, elapsed: Duration) {
+        self.gateway_requests
+            .get_or_create(&vec![
+                ("cluster".into(), cluster.into()),
+                ("code".into(), code.to_string()),
+            ])
+            .inc();
+        self.gateway_latency
+            .get_or_create(&label("cluster", cluster))
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records when the token of `cluster`'s agent expires (seconds since the Unix epoch);
+    /// `None` (no expiry) removes the series.
+    pub fn agent_token_expiry(&self, cluster: &str, exp: Option<u64>) {
+        let mut at = self.token_expiry_at.lock().expect("expiry lock");
+        match exp {
+            Some(exp) => {
+                at.insert(cluster.to_string(), exp);
+            }
+            None => {
+                at.remove(cluster);
+                self.token_expiry.remove(&label("cluster", cluster));
+            }
+        }
+    }
+
+    /// Records the expiry of one of the proxy's certificates (PEM; the first certificate).
+    pub fn certificate_expiry(&self, which: &str, cert_pem: &str) {
+        let not_after = tether_proto::tls::parse_certs(cert_pem, which)
+            .ok()
+            .and_then(|certs| certs.first().cloned())
+            .and_then(|der| tether_proto::tls::certificate_info(&der).ok())
+            .map(|info| info.not_after);
+        if let Some(t) = not_after {
+            self.certificate_expiry_at
+                .lock()
+                .expect("expiry lock")
+                .insert(which.to_string(), t);
+        }
+    }
+
+    /// Brings the expiry horizons up to now.
+    fn refresh_horizons(&self) {
+        let now = unix_now();
+        for (cluster, exp) in self.token_expiry_at.lock().expect("expiry lock").iter() {
+            self.token_expiry
+                .get_or_create(&label("cluster", cluster))
+                .set(*exp as f64 - now);
+        }
+        for (which, t) in self.certificate_expiry_at.lock().expect("expiry lock").iter() {
+            self.certificate_expiry
+                .get_or_create(&label("certificate", which))
+                .set(*t as f64 - now);
+        }
+    }
+
     /// The text exposition (OpenMetrics, which Prometheus reads).
     pub fn render(&self) -> String {
+        self.refresh_horizons();
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out

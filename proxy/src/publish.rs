@@ -271,6 +271,7 @@ pub struct Reissue {
     /// The state dir, where the new certificate is also written (so a restart reuses it).
     pub state_dir: PathBuf,
     pub cert: Arc<ServingCert>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Reissue {
@@ -281,6 +282,7 @@ impl Reissue {
         }
         let leaf = self.ca.issue_server(&names, SERVER_CERT_VALIDITY)?;
         self.cert.replace(&leaf.cert_pem, &leaf.key_pem)?;
+        self.metrics.certificate_expiry("server", &leaf.cert_pem);
         // Best effort: a read-only state dir keeps serving the new certificate from memory.
         let write = |file: &str, data: &str| {
             tether_proto::tls::write_private_file(&self.state_dir.join(file), data.as_bytes())

@@ -25,6 +25,7 @@ use crate::admin::{self, Admin};
 use crate::agents::{self, AgentGate};
 use crate::front::{self, Front};
 use crate::metrics::Metrics;
+use crate::publish::{self, Publish, Reissue, ServingCert};
 use crate::registry::SessionRegistry;
 use crate::settings::{split_host_port, Settings};
 use crate::state::{ClusterUids, StateDir, CLUSTER_UIDS};
@@ -82,6 +83,18 @@ pub async fn run(settings: Settings) -> Result<()> {
     let shutdown = CancellationToken::new();
     let stop_admin = CancellationToken::new();
     let ready = Arc::new(AtomicBool::new(false));
+    let publish = match &settings.publish_auto {
+        Some(auto) => Publish::auto(auto),
+        None => Publish::fixed(&settings.publish_address),
+    };
+    // The agent port's certificate can change while serving (`--publish-address auto`).
+    let serving_cert = ServingCert::new(&state.server_cert_pem, &state.server_key_pem)?;
+    registry
+        .metrics()
+        .certificate_expiry("ca", state.ca.cert_pem());
+    registry
+        .metrics()
+        .certificate_expiry("server", &state.server_cert_pem);
 
     // Admin first, so /readyz can say "not ready" while the rest binds.
     let admin_listener = bind(&settings.admin_addr, "admin").await?;
@@ -92,16 +105,19 @@ pub async fn run(settings: Settings) -> Result<()> {
             registry: registry.clone(),
             ready: ready.clone(),
             shutdown: shutdown.clone(),
+            publish: publish.clone(),
         },
         stop_admin.clone(),
     ));
 
-    let agent_tls = Arc::new(server_config(
+    let mut agent_tls = server_config(
         &state.server_cert_pem,
         &state.server_key_pem,
-        &[tether_proto::ALPN],
+        tether_proto::transport::tls::AGENT_ALPNS,
         None,
-    )?);
+    )?;
+    agent_tls.cert_resolver = serving_cert.clone();
+    let agent_tls = Arc::new(agent_tls);
     let gate = AgentGate {
         registry: registry.clone(),
         verifier: verifier.clone(),
@@ -169,8 +185,28 @@ pub async fn run(settings: Settings) -> Result<()> {
         tokio::spawn(expose::serve(l, e.cluster.clone(), registry.clone(), shutdown.clone()));
     }
 
+    if let Some(auto) = settings.publish_auto.clone() {
+        let port = split_host_port(&agent_addr).map(|(_, p)| p).unwrap_or(0);
+        let scheme = if settings.transports.tls { "tls" } else { "quic" };
+        let reissue = Reissue {
+            ca: tether_proto::tls::CertificateAuthority::load(state.ca.cert_pem(), &state.ca.key_pem())?,
+            base_names: certificate_names(&settings),
+            state_dir: settings.state_dir.clone(),
+            cert: serving_cert.clone(),
+            metrics: registry.metrics().clone(),
+        };
+        tokio::spawn(publish::watch(
+            auto,
+            scheme.into(),
+            port,
+            publish.clone(),
+            reissue,
+            shutdown.clone(),
+        ));
+    }
+
     ready.store(true, Ordering::Relaxed);
-    if settings.publish_address.defaulted {
+    if settings.publish_address.defaulted && settings.publish_auto.is_none() {
         warn!(
             publish_address = %settings.publish_address,
             "no --publish-address given; agents outside this machine need the address they can reach, e.g. --publish-address tls://proxy.example.com:8443"
@@ -178,7 +214,10 @@ pub async fn run(settings: Settings) -> Result<()> {
     }
     info!(
         agent_addr = %agent_listeners.join(","), %front_addr, %admin_addr,
-        publish_address = %settings.publish_address,
+        publish_address = %match &settings.publish_auto {
+            Some(a) => format!("auto (LoadBalancer of Service {}/{})", a.namespace, a.service),
+            None => settings.publish_address.to_string(),
+        },
         exposed = ?exposed,
         state_dir = %settings.state_dir.display(),
         proxy_id = %settings.proxy_id,

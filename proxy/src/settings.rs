@@ -38,8 +38,9 @@ pub struct ServeArgs {
     /// Health, readiness, status and metrics (plain HTTP) [default: 127.0.0.1:9090].
     #[arg(long, env = "TETHER_ADMIN_ADDR")]
     pub admin_addr: Option<String>,
-    /// The address agents dial, e.g. tls://proxy.example.com:8443 (proxyPublishAddress)
-    /// [default: tls://127.0.0.1:AGENT_PORT].
+    /// The address agents dial, e.g. tls://proxy.example.com:8443 (proxyPublishAddress), or
+    /// `auto`: the external address of the proxy's LoadBalancer Service, read from the host
+    /// cluster's API server [default: tls://127.0.0.1:AGENT_PORT].
     #[arg(long, env = "TETHER_PUBLISH_ADDRESS")]
     pub publish_address: Option<String>,
     /// A plain TCP listener spliced to a cluster's API server: NAME=HOST:PORT (repeatable;
@@ -58,6 +59,26 @@ pub struct ServeArgs {
     /// This replica's id, shown to agents [default: the host name].
     #[arg(long, env = "TETHER_PROXY_ID")]
     pub proxy_id: Option<String>,
+    /// With `--publish-address auto`: the proxy's agent Service (type LoadBalancer) whose
+    /// external address is published [default: tether-proxy-agent].
+    #[arg(long, env = "TETHER_PUBLISH_SERVICE")]
+    pub publish_service: Option<String>,
+    /// Namespace of that Service [default: POD_NAMESPACE, the pod's namespace, tether-system].
+    #[arg(long, env = "TETHER_PUBLISH_SERVICE_NAMESPACE")]
+    pub publish_service_namespace: Option<String>,
+    /// How often `--publish-address auto` reads the Service [default: 5s].
+    #[arg(long, env = "TETHER_PUBLISH_POLL_INTERVAL", value_parser = humantime::parse_duration)]
+    pub publish_poll_interval: Option<Duration>,
+    /// The host cluster's API server for `--publish-address auto`, https://HOST:PORT
+    /// [default in a pod: KUBERNETES_SERVICE_HOST:KUBERNETES_SERVICE_PORT].
+    #[arg(long, env = "TETHER_HOST_API_SERVER")]
+    pub host_api_server: Option<String>,
+    /// CA (PEM) of the host API server [default in a pod: the ServiceAccount's ca.crt].
+    #[arg(long, env = "TETHER_HOST_API_CA_FILE")]
+    pub host_api_ca_file: Option<PathBuf>,
+    /// Bearer token file for the host API server [default in a pod: the ServiceAccount token].
+    #[arg(long, env = "TETHER_HOST_API_TOKEN_FILE")]
+    pub host_api_token_file: Option<PathBuf>,
 }
 
 /// The config file: the same settings as the flags.
@@ -78,6 +99,13 @@ struct ConfigFile {
     #[serde(default, with = "humantime_serde_opt")]
     drain_timeout: Option<Duration>,
     proxy_id: Option<String>,
+    publish_service: Option<String>,
+    publish_service_namespace: Option<String>,
+    #[serde(default, with = "humantime_serde_opt")]
+    publish_poll_interval: Option<Duration>,
+    host_api_server: Option<String>,
+    host_api_ca_file: Option<PathBuf>,
+    host_api_token_file: Option<PathBuf>,
 }
 
 /// A list in the config file, or one comma-separated string as on the command line.
@@ -123,6 +151,9 @@ pub struct Settings {
     pub max_streams_per_session: usize,
     pub drain_timeout: Duration,
     pub proxy_id: String,
+    /// `--publish-address auto`: where to read the LoadBalancer address from. The
+    /// `publish_address` is then only the local default until the address resolves.
+    pub publish_auto: Option<crate::publish::AutoPublish>,
 }
 
 /// Which agent transports the proxy listens for.
@@ -245,7 +276,23 @@ impl ServeArgs {
             .agent_addr
             .or(file.agent_addr)
             .unwrap_or_else(|| DEFAULT_AGENT_ADDR.into());
-        let publish_address = match self.publish_address.or(file.publish_address) {
+        let publish_flag = self.publish_address.or(file.publish_address);
+        let auto = publish_flag
+            .as_deref()
+            .is_some_and(|p| p.trim().eq_ignore_ascii_case("auto"));
+        let publish_auto = if auto {
+            Some(crate::publish::AutoPublish::resolve(
+                self.publish_service_namespace.or(file.publish_service_namespace),
+                self.publish_service.or(file.publish_service),
+                self.host_api_server.or(file.host_api_server),
+                self.host_api_ca_file.or(file.host_api_ca_file),
+                self.host_api_token_file.or(file.host_api_token_file),
+                self.publish_poll_interval.or(file.publish_poll_interval),
+            )?)
+        } else {
+            None
+        };
+        let publish_address = match publish_flag.filter(|_| !auto) {
             Some(p) => PublishAddress::parse(&p)?,
             None => {
                 let (host, port) = split_host_port(&agent_addr)?;
@@ -302,6 +349,7 @@ impl ServeArgs {
                 .proxy_id
                 .or(file.proxy_id)
                 .unwrap_or_else(default_proxy_id),
+            publish_auto,
         })
     }
 }

@@ -135,13 +135,15 @@ pub enum Transport {
     Quic,
     /// `auto://`: QUIC, falling back to TLS.
     Auto,
+    /// `tls://` with HTTP/2 instead of yamux (`--mux h2`).
+    TlsH2,
 }
 
 impl Transport {
     /// The scheme of the agent's `--proxy`.
     pub fn scheme(self) -> &'static str {
         match self {
-            Transport::Tls => "tls",
+            Transport::Tls | Transport::TlsH2 => "tls",
             Transport::Quic => "quic",
             Transport::Auto => "auto",
         }
@@ -152,13 +154,14 @@ impl Transport {
     pub fn session_name(self) -> &'static str {
         match self {
             Transport::Tls => "tls+yamux",
+            Transport::TlsH2 => "tls+h2",
             Transport::Quic | Transport::Auto => "quic",
         }
     }
 }
 
 /// Generates, for an `async fn NAME(t: Transport)` test body, one test per transport:
-/// `NAME::tls` and `NAME::quic`. The body stays an ordinary function next to it.
+/// `NAME::tls`, `NAME::quic` and `NAME::tls_h2`. The body stays an ordinary function next to it.
 ///
 /// ```ignore
 /// per_transport!(routes_streams);
@@ -179,6 +182,11 @@ macro_rules! per_transport {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn quic() {
                 super::$name($crate::harness::Transport::Quic).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn tls_h2() {
+                super::$name($crate::harness::Transport::TlsH2).await
             }
         }
     };
@@ -406,6 +414,9 @@ impl Agent {
         let token_file = proxy.dir.path().join(format!("agent-{cluster}-{n}.token"));
         std::fs::write(&token_file, token).expect("writing token");
         let mut cmd = Command::new(bin("tether-agent"));
+        if proxy.opts.agent_transport == Transport::TlsH2 {
+            cmd.args(["--mux", "h2"]);
+        }
         cmd.arg("--proxy")
             .arg(format!(
                 "{}://127.0.0.1:{}",

@@ -20,6 +20,7 @@
 //! (just that stream); a peer that opens one more gets it closed at once. The multiplexer's
 //! own limit sits above ours, so it never has to tear the whole connection down.
 
+mod h2;
 pub mod quic;
 pub mod tls;
 mod yamux;

@@ -5,23 +5,24 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::tls::{connect, TlsListener};
+use super::tls::{connect, Mux, TlsListener, AGENT_ALPNS};
 use super::*;
 use crate::tls::{client_config, server_config, CertificateAuthority};
 
 /// A connected agent-side and proxy-side session pair over TLS on loopback.
-async fn pair(cfg: SessionConfig) -> (Session, Session) {
-    pair_with(cfg.clone(), cfg).await
+async fn pair(mux: Mux, cfg: SessionConfig) -> (Session, Session) {
+    pair_with(mux, cfg.clone(), cfg).await
 }
 
 /// As [`pair`], with different limits on each side.
-async fn pair_with(agent_cfg: SessionConfig, proxy_cfg: SessionConfig) -> (Session, Session) {
+async fn pair_with(mux: Mux, agent_cfg: SessionConfig, proxy_cfg: SessionConfig) -> (Session, Session) {
     let ca = CertificateAuthority::generate("test").unwrap();
     let leaf = ca
         .issue_server(&["localhost".into()], Duration::from_secs(3600))
         .unwrap();
-    let sc = server_config(&leaf.cert_pem, &leaf.key_pem, &[crate::ALPN], None).unwrap();
-    let cc = client_config(ca.cert_pem(), &[crate::ALPN], None).unwrap();
+    // The proxy offers every multiplexer; the agent asks for one.
+    let sc = server_config(&leaf.cert_pem, &leaf.key_pem, AGENT_ALPNS, None).unwrap();
+    let cc = client_config(ca.cert_pem(), &[mux.alpn()], None).unwrap();
     let listener = TlsListener::bind("127.0.0.1:0", Arc::new(sc))
         .await
         .unwrap();
@@ -54,9 +55,8 @@ fn echo_server(mut incoming: Incoming) {
     });
 }
 
-#[tokio::test]
-async fn streams_both_ways_with_half_close() {
-    let (agent, proxy) = pair(SessionConfig::default()).await;
+async fn streams_both_ways_with_half_close(mux: Mux) {
+    let (agent, proxy) = pair(mux, SessionConfig::default()).await;
     echo_server(agent.incoming);
     // The proxy opens, writes, half-closes, and reads the echo to the end.
     let mut s = proxy.handle.open_stream().await.unwrap();
@@ -72,15 +72,15 @@ async fn streams_both_ways_with_half_close() {
     let mut buf = [0u8; 5];
     s.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"hello");
-    assert_eq!(agent.handle.info().transport, "tls+yamux");
+    assert_eq!(agent.handle.info().transport, mux.transport_name());
 }
 
-#[tokio::test]
-async fn stream_limit_refuses_one_stream_not_the_session() {
-    let (agent, proxy) = pair(SessionConfig { max_streams: 4 }).await;
+async fn stream_limit_refuses_one_stream_not_the_session(mux: Mux) {
+    let (agent, proxy) = pair(mux, SessionConfig { max_streams: 4 }).await;
     echo_server(agent.incoming);
     let mut open = Vec::new();
-    for _ in 0..4 {
+    // Over HTTP/2 the proxy has already opened the control stream (it counts).
+    for _ in proxy.handle.open_streams()..4 {
         open.push(proxy.handle.open_stream().await.unwrap());
     }
     let err = proxy.handle.open_stream().await.unwrap_err();
@@ -102,9 +102,9 @@ async fn stream_limit_refuses_one_stream_not_the_session() {
     assert!(!proxy.handle.is_closed());
 }
 
-#[tokio::test]
-async fn peer_beyond_our_limit_gets_its_stream_closed_only() {
+async fn peer_beyond_our_limit_gets_its_stream_closed_only(mux: Mux) {
     let (agent, proxy) = pair_with(
+        mux,
         SessionConfig { max_streams: 2 },
         SessionConfig { max_streams: 10 },
     )
@@ -134,9 +134,8 @@ async fn peer_beyond_our_limit_gets_its_stream_closed_only() {
     assert!(!agent.handle.is_closed() && !proxy.handle.is_closed());
 }
 
-#[tokio::test]
-async fn close_ends_streams_and_incoming() {
-    let (mut agent, proxy) = pair(SessionConfig::default()).await;
+async fn close_ends_streams_and_incoming(mux: Mux) {
+    let (mut agent, proxy) = pair(mux, SessionConfig::default()).await;
     let mut s = proxy.handle.open_stream().await.unwrap();
     s.write_all(b"x").await.unwrap();
     let _accepted = agent.incoming.accept().await.unwrap();
@@ -152,9 +151,8 @@ async fn close_ends_streams_and_incoming() {
 }
 
 /// A stream whose reader stops must not delay another stream on the same session.
-#[tokio::test]
-async fn slow_reader_does_not_stall_other_streams() {
-    let (mut agent, proxy) = pair(SessionConfig::default()).await;
+async fn slow_reader_does_not_stall_other_streams(mux: Mux) {
+    let (mut agent, proxy) = pair(mux, SessionConfig::default()).await;
     // Stream 1: the agent never reads it; the proxy writes until it blocks.
     let mut stuck = proxy.handle.open_stream().await.unwrap();
     stuck.write_all(b"s").await.unwrap();
@@ -207,9 +205,8 @@ async fn slow_reader_does_not_stall_other_streams() {
 }
 
 /// Both peers push bulk data at once on several streams (the yamux #227 pattern).
-#[tokio::test]
-async fn simultaneous_bidirectional_bulk_on_several_streams() {
-    let (mut agent, proxy) = pair(SessionConfig::default()).await;
+async fn simultaneous_bidirectional_bulk_on_several_streams(mux: Mux) {
+    let (mut agent, proxy) = pair(mux, SessionConfig::default()).await;
     const STREAMS: usize = 4;
     const BYTES: usize = 16 << 20;
     let mut tasks = Vec::new();
@@ -258,3 +255,23 @@ async fn simultaneous_bidirectional_bulk_on_several_streams() {
         .expect("no stall with bulk in both directions");
     assert!(received.iter().all(|&n| n == BYTES), "{received:?}");
 }
+
+/// Runs each test once per multiplexer.
+macro_rules! per_mux {
+    ($($name:ident),* $(,)?) => {
+        mod yamux_mux {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Mux::Yamux).await
+            })*
+        }
+        mod h2_mux {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Mux::H2).await
+            })*
+        }
+    };
+}
+
+per_mux!(streams_both_ways_with_half_close, stream_limit_refuses_one_stream_not_the_session, peer_beyond_our_limit_gets_its_stream_closed_only, close_ends_streams_and_incoming, slow_reader_does_not_stall_other_streams, simultaneous_bidirectional_bulk_on_several_streams);

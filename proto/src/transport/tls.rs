@@ -1,4 +1,8 @@
-//! TLS 1.3 over TCP, with a stream multiplexer (yamux) on top.
+//! TLS 1.3 over TCP, with a stream multiplexer on top: yamux or HTTP/2.
+//!
+//! ALPN picks the multiplexer ([`Mux`]): `tether/1` is yamux, `h2` is HTTP/2 (which also looks
+//! like ordinary HTTPS to egress middleboxes). The proxy offers both ([`AGENT_ALPNS`]); the
+//! agent offers the one it is configured for, through its client configuration's ALPN list.
 //!
 //! The agent dials with [`connect`]; the proxy binds a [`TlsListener`], accepts TCP
 //! connections quickly, and completes each handshake in the connection's own task with
@@ -14,8 +18,61 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::{Role, Session, SessionConfig, SessionError, SessionInfo};
 
-/// Name shown for this transport in status pages and metrics.
+/// Name shown for TLS + yamux in status pages and metrics.
 pub const TRANSPORT_NAME: &str = "tls+yamux";
+
+/// The stream multiplexer running over a TLS connection, chosen by ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mux {
+    /// yamux, ALPN `tether/1`.
+    Yamux,
+    /// HTTP/2, ALPN `h2`: the agent serves, the proxy opens streams.
+    H2,
+}
+
+/// ALPN protocols the proxy's agent listener offers, in its order of preference.
+pub const AGENT_ALPNS: &[&[u8]] = &[crate::ALPN, b"h2"];
+
+impl Mux {
+    pub fn alpn(self) -> &'static [u8] {
+        match self {
+            Mux::Yamux => crate::ALPN,
+            Mux::H2 => b"h2",
+        }
+    }
+
+    /// The multiplexer an ALPN protocol names; `None` (no ALPN) means yamux.
+    pub fn from_alpn(alpn: Option<&[u8]>) -> Option<Mux> {
+        match alpn {
+            None => Some(Mux::Yamux),
+            Some(p) if p == crate::ALPN => Some(Mux::Yamux),
+            Some(b"h2") => Some(Mux::H2),
+            Some(_) => None,
+        }
+    }
+
+    /// Name shown in status pages and metrics.
+    pub fn transport_name(self) -> &'static str {
+        match self {
+            Mux::Yamux => TRANSPORT_NAME,
+            Mux::H2 => "tls+h2",
+        }
+    }
+
+    fn start<T>(self, io: T, role: Role, peer: SocketAddr, cfg: &SessionConfig) -> Session
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let info = SessionInfo {
+            transport: self.transport_name(),
+            peer,
+        };
+        match self {
+            Mux::Yamux => super::yamux::start(io, role, info, cfg),
+            Mux::H2 => super::h2::start(io, role, info, cfg),
+        }
+    }
+}
 
 /// Longest a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,11 +115,8 @@ pub async fn connect(
         peer: addr.into(),
         source,
     })?;
-    let info = SessionInfo {
-        transport: TRANSPORT_NAME,
-        peer,
-    };
-    Ok(super::yamux::start(tls, Role::Agent, info, cfg))
+    let mux = mux_of(tls.get_ref().1.alpn_protocol(), addr)?;
+    Ok(mux.start(tls, Role::Agent, peer, cfg))
 }
 
 /// The proxy's TLS listener for agent sessions.
@@ -100,6 +154,17 @@ impl TlsListener {
     }
 }
 
+/// The multiplexer the handshake agreed on.
+fn mux_of(alpn: Option<&[u8]>, peer: &str) -> Result<Mux, SessionError> {
+    Mux::from_alpn(alpn).ok_or_else(|| SessionError::Handshake {
+        peer: peer.into(),
+        source: std::io::Error::other(format!(
+            "peer negotiated ALPN {:?}, which is not a tether multiplexer",
+            String::from_utf8_lossy(alpn.unwrap_or_default())
+        )),
+    })
+}
+
 /// Completes server-side handshakes and starts sessions in the proxy role.
 #[derive(Clone)]
 pub struct TlsHandshaker {
@@ -124,10 +189,7 @@ impl TlsHandshaker {
                 peer: peer.to_string(),
                 source,
             })?;
-        let info = SessionInfo {
-            transport: TRANSPORT_NAME,
-            peer,
-        };
-        Ok(super::yamux::start(tls, Role::Proxy, info, cfg))
+        let mux = mux_of(tls.get_ref().1.alpn_protocol(), &peer.to_string())?;
+        Ok(mux.start(tls, Role::Proxy, peer, cfg))
     }
 }
