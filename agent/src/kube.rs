@@ -196,7 +196,7 @@ impl KubeUpstream {
             }
         }
         let request = Request::from_parts(parts, boxed(body));
-        let mut resp = match self.client.request(request).await {
+        let resp = match self.client.request(request).await {
             Ok(r) => r,
             Err(e) => {
                 info!(upstream = %self.base, error = %e, "API server unreachable");
@@ -207,20 +207,7 @@ impl KubeUpstream {
             }
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(caller) = caller_upgrade {
-                let upstream = hyper::upgrade::on(&mut resp);
-                tokio::spawn(async move {
-                    match tokio::try_join!(caller, upstream) {
-                        Ok((c, u)) => {
-                            let r = tether_proto::splice::splice(TokioIo::new(c), TokioIo::new(u), None, None).await;
-                            debug!(?r, "upgraded gateway stream ended");
-                        }
-                        Err(e) => debug!(error = %e, "upgrade failed"),
-                    }
-                });
-            }
-            let (parts, _) = resp.into_parts();
-            return Response::from_parts(parts, tether_proto::http::full(bytes::Bytes::new()));
+            return tether_proto::http::finish_upgrade(caller_upgrade, resp);
         }
         let (mut parts, body) = resp.into_parts();
         remove_hop_by_hop(&mut parts.headers);

@@ -20,17 +20,7 @@ struct Cli {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if cli.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    tether_proto::process::init_logging(&cli.log_format);
     let settings = cli.agent.resolve()?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -39,7 +29,7 @@ fn main() -> Result<()> {
             let shutdown = CancellationToken::new();
             let signal = shutdown.clone();
             tokio::spawn(async move {
-                wait_for_signal().await;
+                tether_proto::process::shutdown_signal().await;
                 tracing::info!("shutdown requested");
                 signal.cancel();
             });
@@ -47,20 +37,4 @@ fn main() -> Result<()> {
             tracing::info!("tether-agent stopped");
             Ok(())
         })
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

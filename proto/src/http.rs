@@ -12,6 +12,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
 
 /// The body type of gateway responses: a stream of bytes that may fail.
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -117,6 +118,29 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         headers.insert(header::UPGRADE, u);
     }
+}
+
+/// Completes an upgrade that the far side accepted with `101 Switching Protocols`: once both
+/// the caller's and the far side's connections have switched, bytes are spliced both ways
+/// (in a task of their own) until either side closes. Returns the `101` to send the caller.
+pub fn finish_upgrade(
+    caller: Option<hyper::upgrade::OnUpgrade>,
+    mut switched: Response<hyper::body::Incoming>,
+) -> Response<Body> {
+    if let Some(caller) = caller {
+        let far = hyper::upgrade::on(&mut switched);
+        tokio::spawn(async move {
+            match tokio::try_join!(caller, far) {
+                Ok((c, f)) => {
+                    let r = crate::splice::splice(TokioIo::new(c), TokioIo::new(f), None, None).await;
+                    tracing::debug!(?r, "upgraded stream ended");
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+    }
+    let (parts, _) = switched.into_parts();
+    Response::from_parts(parts, full(Bytes::new()))
 }
 
 /// Removes the caller's credentials and any impersonation it asked for.

@@ -8,12 +8,14 @@
 //! - [`transport`]: the Session/Transport layer: one multiplexed session between agent and
 //!   proxy, whatever carries it.
 //! - [`http`]: what both ends of the kube gateway share: `Status` errors, header hygiene.
+//! - [`process`]: logging set-up and shutdown signals, the same in both binaries.
 //! - [`splice`]: copying bytes both ways between two streams, with counters.
 
 pub mod frame;
 pub mod http;
 pub mod messages;
 pub mod name;
+pub mod process;
 pub mod splice;
 pub mod tls;
 pub mod token;

@@ -138,7 +138,7 @@ impl Gateway {
         // A pooled stream may have died since it was parked: hyper hands the request back
         // when it was not sent, and we try once more on a fresh stream.
         let mut fresh = upgrade;
-        let (mut sender, mut resp) = loop {
+        let (mut sender, resp) = loop {
             let mut sender = match if fresh { None } else { self.checkout(&key) } {
                 Some(s) => s,
                 None => match self.connect(&key).await {
@@ -165,20 +165,7 @@ impl Gateway {
         };
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(caller) = caller_upgrade {
-                let upstream = hyper::upgrade::on(&mut resp);
-                tokio::spawn(async move {
-                    match tokio::try_join!(caller, upstream) {
-                        Ok((c, u)) => {
-                            let r = tether_proto::splice::splice(TokioIo::new(c), TokioIo::new(u), None, None).await;
-                            debug!(?r, "upgraded gateway stream ended");
-                        }
-                        Err(e) => debug!(error = %e, "gateway upgrade failed"),
-                    }
-                });
-            }
-            let (parts, _) = resp.into_parts();
-            return Response::from_parts(parts, tether_proto::http::full(bytes::Bytes::new()));
+            return tether_proto::http::finish_upgrade(caller_upgrade, resp);
         }
         if !upgrade {
             // Park the stream again once this response's body is done.

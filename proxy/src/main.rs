@@ -208,23 +208,10 @@ enum TokenCommand {
     },
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TETHER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    tether_proto::process::init_logging(&cli.log_format);
     match cli.command {
         Command::Serve(args) => {
             let settings = args.resolve()?;

@@ -244,7 +244,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         });
     }
 
-    shutdown_signal().await;
+    tether_proto::process::shutdown_signal().await;
     info!(drain_timeout = ?settings.drain_timeout, "shutting down: no new connections, telling agents to go away");
     shutdown.cancel();
     drain(&registry, settings.drain_timeout).await;
@@ -277,21 +277,5 @@ async fn drain(registry: &SessionRegistry, timeout: Duration) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }

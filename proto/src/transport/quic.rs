@@ -624,4 +624,4 @@ impl AsyncWrite for QuicStream {
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

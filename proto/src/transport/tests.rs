@@ -10,12 +10,36 @@ use super::*;
 use crate::tls::{client_config, server_config, CertificateAuthority};
 
 /// A connected agent-side and proxy-side session pair over TLS on loopback.
-async fn pair(mux: Mux, cfg: SessionConfig) -> (Session, Session) {
-    pair_with(mux, cfg.clone(), cfg).await
+async fn pair(carrier: Carrier, cfg: SessionConfig) -> (Session, Session) {
+    pair_with(carrier, cfg.clone(), cfg).await
+}
+
+/// What carries the session in a test.
+#[derive(Debug, Clone, Copy)]
+enum Carrier {
+    Tls(Mux),
+    Quic,
+}
+
+impl Carrier {
+    fn transport_name(self) -> &'static str {
+        match self {
+            Carrier::Tls(mux) => mux.transport_name(),
+            Carrier::Quic => "quic",
+        }
+    }
 }
 
 /// As [`pair`], with different limits on each side.
-async fn pair_with(mux: Mux, agent_cfg: SessionConfig, proxy_cfg: SessionConfig) -> (Session, Session) {
+async fn pair_with(carrier: Carrier, agent_cfg: SessionConfig, proxy_cfg: SessionConfig) -> (Session, Session) {
+    match carrier {
+        Carrier::Tls(mux) => tls_pair(mux, agent_cfg, proxy_cfg).await,
+        Carrier::Quic => super::quic::tests::pair_with(agent_cfg, proxy_cfg).await,
+    }
+}
+
+/// A session pair over TLS with multiplexer `mux`.
+async fn tls_pair(mux: Mux, agent_cfg: SessionConfig, proxy_cfg: SessionConfig) -> (Session, Session) {
     let ca = CertificateAuthority::generate("test").unwrap();
     let leaf = ca
         .issue_server(&["localhost".into()], Duration::from_secs(3600))
@@ -55,8 +79,8 @@ fn echo_server(mut incoming: Incoming) {
     });
 }
 
-async fn streams_both_ways_with_half_close(mux: Mux) {
-    let (agent, proxy) = pair(mux, SessionConfig::default()).await;
+async fn streams_both_ways_with_half_close(carrier: Carrier) {
+    let (agent, proxy) = pair(carrier, SessionConfig::default()).await;
     echo_server(agent.incoming);
     // The proxy opens, writes, half-closes, and reads the echo to the end.
     let mut s = proxy.handle.open_stream().await.unwrap();
@@ -72,11 +96,11 @@ async fn streams_both_ways_with_half_close(mux: Mux) {
     let mut buf = [0u8; 5];
     s.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"hello");
-    assert_eq!(agent.handle.info().transport, mux.transport_name());
+    assert_eq!(agent.handle.info().transport, carrier.transport_name());
 }
 
-async fn stream_limit_refuses_one_stream_not_the_session(mux: Mux) {
-    let (agent, proxy) = pair(mux, SessionConfig { max_streams: 4 }).await;
+async fn stream_limit_refuses_one_stream_not_the_session(carrier: Carrier) {
+    let (agent, proxy) = pair(carrier, SessionConfig { max_streams: 4 }).await;
     echo_server(agent.incoming);
     let mut open = Vec::new();
     // Over HTTP/2 the proxy has already opened the control stream (it counts).
@@ -102,9 +126,9 @@ async fn stream_limit_refuses_one_stream_not_the_session(mux: Mux) {
     assert!(!proxy.handle.is_closed());
 }
 
-async fn peer_beyond_our_limit_gets_its_stream_closed_only(mux: Mux) {
+async fn peer_beyond_our_limit_gets_its_stream_closed_only(carrier: Carrier) {
     let (agent, proxy) = pair_with(
-        mux,
+        carrier,
         SessionConfig { max_streams: 2 },
         SessionConfig { max_streams: 10 },
     )
@@ -134,8 +158,8 @@ async fn peer_beyond_our_limit_gets_its_stream_closed_only(mux: Mux) {
     assert!(!agent.handle.is_closed() && !proxy.handle.is_closed());
 }
 
-async fn close_ends_streams_and_incoming(mux: Mux) {
-    let (mut agent, proxy) = pair(mux, SessionConfig::default()).await;
+async fn close_ends_streams_and_incoming(carrier: Carrier) {
+    let (mut agent, proxy) = pair(carrier, SessionConfig::default()).await;
     let mut s = proxy.handle.open_stream().await.unwrap();
     s.write_all(b"x").await.unwrap();
     let _accepted = agent.incoming.accept().await.unwrap();
@@ -151,8 +175,8 @@ async fn close_ends_streams_and_incoming(mux: Mux) {
 }
 
 /// A stream whose reader stops must not delay another stream on the same session.
-async fn slow_reader_does_not_stall_other_streams(mux: Mux) {
-    let (mut agent, proxy) = pair(mux, SessionConfig::default()).await;
+async fn slow_reader_does_not_stall_other_streams(carrier: Carrier) {
+    let (mut agent, proxy) = pair(carrier, SessionConfig::default()).await;
     // Stream 1: the agent never reads it; the proxy writes until it blocks.
     let mut stuck = proxy.handle.open_stream().await.unwrap();
     stuck.write_all(b"s").await.unwrap();
@@ -205,8 +229,8 @@ async fn slow_reader_does_not_stall_other_streams(mux: Mux) {
 }
 
 /// Both peers push bulk data at once on several streams (the yamux #227 pattern).
-async fn simultaneous_bidirectional_bulk_on_several_streams(mux: Mux) {
-    let (mut agent, proxy) = pair(mux, SessionConfig::default()).await;
+async fn simultaneous_bidirectional_bulk_on_several_streams(carrier: Carrier) {
+    let (mut agent, proxy) = pair(carrier, SessionConfig::default()).await;
     const STREAMS: usize = 4;
     const BYTES: usize = 16 << 20;
     let mut tasks = Vec::new();
@@ -256,22 +280,37 @@ async fn simultaneous_bidirectional_bulk_on_several_streams(mux: Mux) {
     assert!(received.iter().all(|&n| n == BYTES), "{received:?}");
 }
 
-/// Runs each test once per multiplexer.
-macro_rules! per_mux {
+async fn dropping_every_handle_ends_the_session(carrier: Carrier) {
+    let (agent, proxy) = pair(carrier, SessionConfig::default()).await;
+    let watch = agent.handle.clone();
+    drop(proxy);
+    tokio::time::timeout(Duration::from_secs(5), watch.closed())
+        .await
+        .expect("the peer sees the session end when the other side drops everything");
+}
+
+/// Runs each test once per carrier.
+macro_rules! per_carrier {
     ($($name:ident),* $(,)?) => {
         mod yamux_mux {
             $(#[tokio::test]
             async fn $name() {
-                super::$name(super::Mux::Yamux).await
+                super::$name(super::Carrier::Tls(super::Mux::Yamux)).await
             })*
         }
         mod h2_mux {
             $(#[tokio::test]
             async fn $name() {
-                super::$name(super::Mux::H2).await
+                super::$name(super::Carrier::Tls(super::Mux::H2)).await
+            })*
+        }
+        mod quic {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Carrier::Quic).await
             })*
         }
     };
 }
 
-per_mux!(streams_both_ways_with_half_close, stream_limit_refuses_one_stream_not_the_session, peer_beyond_our_limit_gets_its_stream_closed_only, close_ends_streams_and_incoming, slow_reader_does_not_stall_other_streams, simultaneous_bidirectional_bulk_on_several_streams);
+per_carrier!(dropping_every_handle_ends_the_session, streams_both_ways_with_half_close, stream_limit_refuses_one_stream_not_the_session, peer_beyond_our_limit_gets_its_stream_closed_only, close_ends_streams_and_incoming, slow_reader_does_not_stall_other_streams, simultaneous_bidirectional_bulk_on_several_streams);
