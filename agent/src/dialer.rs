@@ -24,7 +24,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use tether_proto::frame::{read_message, write_message, FrameError, DEFAULT_MAX_FRAME};
-use tether_proto::messages::{control_message, hello_reply, ControlMessage, Hello, HelloReply, RejectCode, Welcome};
+use tether_proto::messages::{
+    control_message, hello_reply, ControlMessage, Hello, HelloReply, RejectCode, Welcome,
+};
 use tether_proto::transport::{quic, tls, MuxStream, Session, SessionConfig, SessionError};
 
 use crate::kube::KubeUpstream;
@@ -172,7 +174,10 @@ impl Default for Backoff {
 impl Backoff {
     /// The next wait: uniform in `[0, min(cap, base × 2^attempt)]`.
     pub fn next(&mut self, cap: Duration) -> Duration {
-        let ceiling = self.base.saturating_mul(1u32 << self.attempt.min(16)).min(cap);
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(cap);
         self.attempt = self.attempt.saturating_add(1);
         rand::rng().random_range(Duration::ZERO..=ceiling)
     }
@@ -222,7 +227,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
                     .context("setting up the kube gateway handler")?,
             )),
             None => {
-                info!("no API server credentials configured: the kube gateway is off for this agent");
+                info!(
+                    "no API server credentials configured: the kube gateway is off for this agent"
+                );
                 None
             }
         },
@@ -250,14 +257,20 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             Outcome::Shutdown => return Ok(()),
             Outcome::Unreachable => backoff.next(UNREACHABLE_CAP),
             Outcome::Rejected => backoff.next(REJECTED_CAP),
-            Outcome::Ended { lasted, reconnect_after } => {
+            Outcome::Ended {
+                lasted,
+                reconnect_after,
+            } => {
                 if lasted >= STABLE_AFTER {
                     backoff.reset();
                 }
                 reconnect_after.max(backoff.next(UNREACHABLE_CAP))
             }
         };
-        info!(wait_ms = wait.as_millis() as u64, "reconnecting to the proxy");
+        info!(
+            wait_ms = wait.as_millis() as u64,
+            "reconnecting to the proxy"
+        );
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => return Ok(()),
@@ -397,11 +410,21 @@ async fn attempt(
         }
         End::Shutdown => {
             ctx.draining.cancel();
-            let _ = write_message(&mut wr, &ControlMessage::go_away("agent is shutting down", 0)).await;
+            let _ = write_message(
+                &mut wr,
+                &ControlMessage::go_away("agent is shutting down", 0),
+            )
+            .await;
             tracker.close();
             info!(open = tracker.len(), drain_timeout = ?settings.drain_timeout, "draining open streams");
-            if tokio::time::timeout(settings.drain_timeout, tracker.wait()).await.is_err() {
-                warn!(open = tracker.len(), "drain timeout passed; closing open streams");
+            if tokio::time::timeout(settings.drain_timeout, tracker.wait())
+                .await
+                .is_err()
+            {
+                warn!(
+                    open = tracker.len(),
+                    "drain timeout passed; closing open streams"
+                );
             }
             handle.close();
             acceptor.abort();
@@ -507,7 +530,11 @@ async fn hello(
     };
     let (control, reply) = tokio::time::timeout(WELCOME_TIMEOUT, exchange)
         .await
-        .map_err(|_| HelloError::Other(anyhow::anyhow!("no answer to Hello within {WELCOME_TIMEOUT:?}")))?
+        .map_err(|_| {
+            HelloError::Other(anyhow::anyhow!(
+                "no answer to Hello within {WELCOME_TIMEOUT:?}"
+            ))
+        })?
         .map_err(HelloError::Other)?;
     match reply.reply {
         Some(hello_reply::Reply::Welcome(w)) => Ok((control, w)),

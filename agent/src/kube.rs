@@ -134,7 +134,12 @@ impl KubeUpstream {
 
     /// Serves HTTP/1.1 on a tunnel stream until the proxy closes it, or, once `drain` is
     /// cancelled, until the request in flight is done.
-    pub async fn serve(self: Arc<Self>, stream: MuxStream, who: KubeHttp, drain: CancellationToken) {
+    pub async fn serve(
+        self: Arc<Self>,
+        stream: MuxStream,
+        who: KubeHttp,
+        drain: CancellationToken,
+    ) {
         let who = Arc::new(who);
         let service = hyper::service::service_fn(move |req| {
             let (this, who) = (self.clone(), who.clone());
@@ -160,10 +165,16 @@ impl KubeUpstream {
     async fn forward(&self, mut req: Request<Incoming>, who: &KubeHttp) -> Response<Body> {
         let upgrade = is_upgrade(req.headers());
         let caller_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
         let uri: Uri = match format!("{}{}", self.base, path).parse() {
             Ok(u) => u,
-            Err(e) => return status_response(StatusCode::BAD_REQUEST, &format!("bad request path: {e}")),
+            Err(e) => {
+                return status_response(StatusCode::BAD_REQUEST, &format!("bad request path: {e}"))
+            }
         };
         let (mut parts, body) = req.into_parts();
         parts.uri = uri;
@@ -186,7 +197,10 @@ impl KubeUpstream {
         }
         if self.identity == IdentityMode::Impersonate {
             let Ok(user) = HeaderValue::from_str(&who.user) else {
-                return status_response(StatusCode::BAD_REQUEST, "caller user name is not a valid header value");
+                return status_response(
+                    StatusCode::BAD_REQUEST,
+                    "caller user name is not a valid header value",
+                );
             };
             parts.headers.insert("impersonate-user", user);
             for g in &who.groups {

@@ -49,14 +49,27 @@ pub struct AgentArgs {
     #[arg(long, env = "TETHER_UPSTREAM_TOKEN_FILE")]
     pub upstream_token_file: Option<PathBuf>,
     /// Client certificate (PEM) for the API server, with --upstream-client-key.
-    #[arg(long, env = "TETHER_UPSTREAM_CLIENT_CERT", requires = "upstream_client_key")]
+    #[arg(
+        long,
+        env = "TETHER_UPSTREAM_CLIENT_CERT",
+        requires = "upstream_client_key"
+    )]
     pub upstream_client_cert: Option<PathBuf>,
     /// Client key (PEM) for the API server.
-    #[arg(long, env = "TETHER_UPSTREAM_CLIENT_KEY", requires = "upstream_client_cert")]
+    #[arg(
+        long,
+        env = "TETHER_UPSTREAM_CLIENT_KEY",
+        requires = "upstream_client_cert"
+    )]
     pub upstream_client_key: Option<PathBuf>,
     /// How gateway callers reach the API server: impersonate the verified caller, or act as
     /// the agent itself.
-    #[arg(long, env = "TETHER_IDENTITY", value_enum, default_value = "impersonate")]
+    #[arg(
+        long,
+        env = "TETHER_IDENTITY",
+        value_enum,
+        default_value = "impersonate"
+    )]
     pub identity: crate::kube::IdentityMode,
     /// Stream multiplexer over tls://: yamux or h2 (HTTP/2, which also looks like ordinary
     /// HTTPS to egress middleboxes).
@@ -121,7 +134,8 @@ impl AgentArgs {
         }
         let mut allow = Vec::new();
         for a in &self.allow {
-            let (h, p) = split_host_port(a, None).with_context(|| format!("--allow {a:?}: expected HOST:PORT"))?;
+            let (h, p) = split_host_port(a, None)
+                .with_context(|| format!("--allow {a:?}: expected HOST:PORT"))?;
             allow.push(join_host_port(&h.to_ascii_lowercase(), p));
         }
         let kube = self.kube_credentials()?;
@@ -270,7 +284,11 @@ fn default_agent_id() -> String {
     std::env::var("POD_NAME")
         .ok()
         .filter(|s| !s.is_empty())
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| format!("agent-{}", &tether_proto::token::random_id()[..8]))
 }
@@ -299,8 +317,14 @@ mod tests {
 
     #[test]
     fn upstreams() {
-        assert_eq!(parse_upstream("https://10.0.0.1:6443").unwrap(), "10.0.0.1:6443");
-        assert_eq!(parse_upstream("https://kube.example").unwrap(), "kube.example:443");
+        assert_eq!(
+            parse_upstream("https://10.0.0.1:6443").unwrap(),
+            "10.0.0.1:6443"
+        );
+        assert_eq!(
+            parse_upstream("https://kube.example").unwrap(),
+            "kube.example:443"
+        );
         assert_eq!(parse_upstream("https://[::1]:6443/").unwrap(), "[::1]:6443");
         assert_eq!(parse_upstream("127.0.0.1:6443").unwrap(), "127.0.0.1:6443");
         assert!(parse_upstream("http://x:1").is_err());

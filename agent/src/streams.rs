@@ -36,7 +36,10 @@ enum Route {
     /// Raw bytes to `host:port`.
     Dial(String),
     /// HTTP served by the kube handler, on behalf of this caller.
-    Kube(Arc<crate::kube::KubeUpstream>, tether_proto::messages::KubeHttp),
+    Kube(
+        Arc<crate::kube::KubeUpstream>,
+        tether_proto::messages::KubeHttp,
+    ),
 }
 
 impl StreamContext {
@@ -123,7 +126,10 @@ async fn handle(mut stream: MuxStream, ctx: Arc<StreamContext>) {
     let addr = match ctx.route(&open) {
         Ok(Route::Dial(a)) => a,
         Ok(Route::Kube(kube, who)) => {
-            if write_message(&mut stream, &StreamReply::accept()).await.is_ok() {
+            if write_message(&mut stream, &StreamReply::accept())
+                .await
+                .is_ok()
+            {
                 kube.serve(stream, who, ctx.draining.clone()).await;
             }
             return;

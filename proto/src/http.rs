@@ -67,8 +67,10 @@ pub fn status_json(code: StatusCode, message: &str) -> String {
 pub fn status_response(code: StatusCode, message: &str) -> Response<Body> {
     let mut resp = Response::new(full(status_json(code, message)));
     *resp.status_mut() = code;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -107,7 +109,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .filter(|n| !(upgrade && n == header::UPGRADE))
         .collect();
-    let kept_upgrade = if upgrade { headers.get(header::UPGRADE).cloned() } else { None };
+    let kept_upgrade = if upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
     for n in named {
         headers.remove(n);
     }
@@ -132,7 +138,8 @@ pub fn finish_upgrade(
         tokio::spawn(async move {
             match tokio::try_join!(caller, far) {
                 Ok((c, f)) => {
-                    let r = crate::splice::splice(TokioIo::new(c), TokioIo::new(f), None, None).await;
+                    let r =
+                        crate::splice::splice(TokioIo::new(c), TokioIo::new(f), None, None).await;
                     tracing::debug!(?r, "upgraded stream ended");
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),

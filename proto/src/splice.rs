@@ -90,7 +90,12 @@ impl<'c> Direction<'c> {
 
     /// Moves bytes from `r` to `w` until `r` ends (then shuts `w` down) or something is
     /// pending. Ready once this direction is finished.
-    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+    ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -181,7 +186,13 @@ mod tests {
         cr.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, b"world!");
         let (r, c) = task.await.unwrap();
-        assert_eq!(r, Spliced { a_to_b: 5, b_to_a: 6 });
+        assert_eq!(
+            r,
+            Spliced {
+                a_to_b: 5,
+                b_to_a: 6
+            }
+        );
         assert_eq!(c, 5);
     }
 
@@ -190,7 +201,9 @@ mod tests {
         let (client, a) = tokio::io::duplex(777);
         let (b, server) = tokio::io::duplex(333);
         let task = tokio::spawn(async move { splice(a, b, None, None).await.unwrap() });
-        let data: Vec<u8> = (0..(5 * SPLICE_BUFFER + 123)).map(|i| (i % 253) as u8).collect();
+        let data: Vec<u8> = (0..(5 * SPLICE_BUFFER + 123))
+            .map(|i| (i % 253) as u8)
+            .collect();
         let (mut cr, mut cw) = tokio::io::split(client);
         let (mut sr, mut sw) = tokio::io::split(server);
         let send = data.clone();

@@ -381,10 +381,20 @@ mod tests {
         let info = certificate_info(&der).unwrap();
         assert_eq!(info.names, names);
         let client = ca
-            .issue_client("alice", &["dev".into()], &["prod-*".into()], Duration::from_secs(60))
+            .issue_client(
+                "alice",
+                &["dev".into()],
+                &["prod-*".into()],
+                Duration::from_secs(60),
+            )
             .unwrap();
         assert!(ca
-            .issue_client("bob", &["a".into(), "b".into()], &[], Duration::from_secs(60))
+            .issue_client(
+                "bob",
+                &["a".into(), "b".into()],
+                &[],
+                Duration::from_secs(60)
+            )
             .is_err());
         let der = parse_certs(&client.cert_pem, "x").unwrap().remove(0);
         let info = certificate_info(&der).unwrap();

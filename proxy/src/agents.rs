@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use tether_proto::frame::{read_message, write_message, FrameError, DEFAULT_MAX_FRAME};
-use tether_proto::messages::{control_message, ControlMessage, Hello, HelloReply, RejectCode, Welcome};
+use tether_proto::messages::{
+    control_message, ControlMessage, Hello, HelloReply, RejectCode, Welcome,
+};
 use tether_proto::name::validate_cluster_name;
 use tether_proto::token::{TokenError, TokenKind, TokenVerifier};
 use tether_proto::transport::quic::QuicListener;
@@ -124,7 +126,12 @@ pub async fn run_session(mut session: Session, gate: AgentGate) {
             return;
         }
     };
-    let hello = match tokio::time::timeout_at(deadline, read_message::<_, Hello>(&mut control, DEFAULT_MAX_FRAME)).await {
+    let hello = match tokio::time::timeout_at(
+        deadline,
+        read_message::<_, Hello>(&mut control, DEFAULT_MAX_FRAME),
+    )
+    .await
+    {
         Ok(Ok(hello)) => hello,
         Ok(Err(e)) => {
             gate.registry.metrics().agent_auth_failure("protocol_error");
@@ -255,7 +262,11 @@ fn check_hello(hello: &Hello, gate: &AgentGate) -> Result<(), (RejectCode, &'sta
             ),
         ));
     }
-    if let Err(known) = gate.registry.uids().check_and_record(&hello.cluster, &hello.cluster_uid) {
+    if let Err(known) = gate
+        .registry
+        .uids()
+        .check_and_record(&hello.cluster, &hello.cluster_uid)
+    {
         return Err((
             RejectCode::DuplicateClusterUid,
             "duplicate_cluster_uid",

@@ -170,7 +170,7 @@ pub async fn run(registry: &SessionRegistry, cluster: &str, opts: &CheckOptions)
 
 fn agent_step(registry: &SessionRegistry, cluster: &str, name: &str) -> Step {
     let look = format!(
-        "look at the agent's log in the member cluster (kubectl -n tether-system logs \
+        "the agent's log in the member cluster (kubectl -n tether-system logs \
          deploy/tether-agent): it says why it cannot connect (publish address unreachable, \
          token refused, certificate not trusted, ...); `tether-proxy manifest --cluster {cluster}` \
          prints the manifest to apply there"
@@ -232,9 +232,16 @@ async fn reachable_step(registry: &SessionRegistry, cluster: &str, name: &str) -
     match open {
         Ok(Ok(stream)) => {
             drop(stream);
-            passed(name, "the agent opened a TCP connection to its API server".into())
+            passed(
+                name,
+                "the agent opened a TCP connection to its API server".into(),
+            )
         }
-        Ok(Err(OpenError::Rejected { code: StreamRejectCode::Unreachable, reason, .. })) => failed(
+        Ok(Err(OpenError::Rejected {
+            code: StreamRejectCode::Unreachable,
+            reason,
+            ..
+        })) => failed(
             name,
             reason,
             "the agent dials its API server at --upstream (in a pod: \
@@ -255,15 +262,19 @@ fn open_error_hint(e: &OpenError) -> String {
         OpenError::NoAgent { .. } | OpenError::UnknownCluster { .. } => {
             "the agent went away during the check; run it again and look at the agent's log".into()
         }
-        OpenError::Rejected { code: StreamRejectCode::Unsupported, .. } => {
-            "the agent has no credentials for its API server: in a pod it uses its \
+        OpenError::Rejected {
+            code: StreamRejectCode::Unsupported,
+            ..
+        } => "the agent has no credentials for its API server: in a pod it uses its \
              ServiceAccount; outside one, give it --upstream-ca-file and --upstream-token-file"
-                .into()
-        }
-        OpenError::Rejected { code: StreamRejectCode::Draining, .. } => {
+            .into(),
+        OpenError::Rejected {
+            code: StreamRejectCode::Draining,
+            ..
+        } => {
             "the agent is shutting down; run the check again once its replacement connected".into()
         }
-        _ => "look at the proxy's and the agent's logs (the request id is in both)".into(),
+        _ => "the proxy's and the agent's logs (the request id is in both)".into(),
     }
 }
 
@@ -283,40 +294,50 @@ async fn version_step(
         })),
     };
     let request_id = tether_proto::token::random_id();
-    let tunnel = match tokio::time::timeout(STEP_TIMEOUT, registry.open(cluster, target, &request_id)).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => return (failed(name, e.to_string(), open_error_hint(&e)), None),
-        Err(_) => {
-            return (
-                failed(
-                    name,
-                    format!("no answer within {}s", STEP_TIMEOUT.as_secs()),
-                    "look at the agent's log",
-                ),
-                None,
-            )
-        }
-    };
-    let mut sender = match hyper::client::conn::http1::handshake(TokioIo::new(tunnel.into_io())).await {
-        Ok((sender, conn)) => {
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            sender
-        }
-        Err(e) => {
-            return (
-                failed(name, format!("HTTP over the tunnel failed: {e}"), "look at the agent's log"),
-                None,
-            )
-        }
-    };
+    let tunnel =
+        match tokio::time::timeout(STEP_TIMEOUT, registry.open(cluster, target, &request_id)).await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return (failed(name, e.to_string(), open_error_hint(&e)), None),
+            Err(_) => {
+                return (
+                    failed(
+                        name,
+                        format!("no answer within {}s", STEP_TIMEOUT.as_secs()),
+                        "the agent's log",
+                    ),
+                    None,
+                )
+            }
+        };
+    let mut sender =
+        match hyper::client::conn::http1::handshake(TokioIo::new(tunnel.into_io())).await {
+            Ok((sender, conn)) => {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                sender
+            }
+            Err(e) => {
+                return (
+                    failed(
+                        name,
+                        format!("HTTP over the tunnel failed: {e}"),
+                        "the agent's log",
+                    ),
+                    None,
+                )
+            }
+        };
     let (code, body) = match get(&mut sender, cluster, "/version").await {
         Ok(r) => r,
-        Err(e) => return (failed(name, e, "look at the agent's log"), None),
+        Err(e) => return (failed(name, e, "the agent's log"), None),
     };
     if code != 200 {
-        return (failed(name, describe(code, &body), version_hint(code)), None);
+        return (
+            failed(name, describe(code, &body), version_hint(code)),
+            None,
+        );
     }
     let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let Some(version) = v["gitVersion"].as_str() else {
@@ -330,7 +351,10 @@ async fn version_step(
         );
     };
     let platform = v["platform"].as_str().unwrap_or("-");
-    (passed(name, format!("Kubernetes {version} ({platform})")), Some(sender))
+    (
+        passed(name, format!("Kubernetes {version} ({platform})")),
+        Some(sender),
+    )
 }
 
 fn version_hint(code: u16) -> String {
@@ -343,11 +367,11 @@ fn version_hint(code: u16) -> String {
              `impersonate` on users and groups (apply the manifest from `tether-proxy manifest` \
              again, or deploy/agent-rbac.yaml)"
         ),
-        502 | 503 | 504 => "the agent could not complete a request to its API server: check \
+        502..=504 => "the agent could not complete a request to its API server: check \
                            the API server's CA (the ServiceAccount's ca.crt in a pod, or \
                            --upstream-ca-file) and that the API server is up"
             .into(),
-        _ => "look at the agent's log".into(),
+        _ => "the agent's log".into(),
     }
 }
 
@@ -358,27 +382,47 @@ async fn list_step(sender: &mut Sender, namespace: Option<&str>, name: &str) -> 
     };
     let (code, body) = match get(sender, "", &path).await {
         Ok(r) => r,
-        Err(e) => return failed(name, e, "look at the agent's log"),
+        Err(e) => return failed(name, e, "the agent's log"),
     };
-    let what = if namespace.is_some() { "pods" } else { "namespaces" };
+    let what = if namespace.is_some() {
+        "pods"
+    } else {
+        "namespaces"
+    };
     if code == 200 {
         let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let items: Vec<&str> = v["items"]
             .as_array()
-            .map(|a| a.iter().filter_map(|i| i["metadata"]["name"].as_str()).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|i| i["metadata"]["name"].as_str())
+                    .collect()
+            })
             .unwrap_or_default();
-        let mut shown = items.iter().take(NAMES_SHOWN).copied().collect::<Vec<_>>().join(", ");
+        let mut shown = items
+            .iter()
+            .take(NAMES_SHOWN)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
         if items.len() > NAMES_SHOWN {
             shown.push_str(", ...");
         }
-        let more = if v["metadata"]["continue"].as_str().is_some_and(|c| !c.is_empty()) {
+        let more = if v["metadata"]["continue"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty())
+        {
             " (first page)"
         } else {
             ""
         };
         return passed(
             name,
-            format!("{} {what}{more}{}{shown}", items.len(), if shown.is_empty() { "" } else { ": " }),
+            format!(
+                "{} {what}{more}{}{shown}",
+                items.len(),
+                if shown.is_empty() { "" } else { ": " }
+            ),
         );
     }
     let hint = match (code, namespace) {
@@ -400,14 +444,21 @@ async fn list_step(sender: &mut Sender, namespace: Option<&str>, name: &str) -> 
 }
 
 /// One GET on the tunnel's HTTP connection: (status, body).
-async fn get(sender: &mut Sender, host: &str, path: &str) -> std::result::Result<(u16, Bytes), String> {
+async fn get(
+    sender: &mut Sender,
+    host: &str,
+    path: &str,
+) -> std::result::Result<(u16, Bytes), String> {
     let exchange = async {
         sender
             .ready()
             .await
             .map_err(|e| format!("the tunnel's HTTP connection closed: {e}"))?;
         let req = http::Request::get(path)
-            .header(http::header::HOST, if host.is_empty() { "kubernetes" } else { host })
+            .header(
+                http::header::HOST,
+                if host.is_empty() { "kubernetes" } else { host },
+            )
             .header(http::header::ACCEPT, "application/json")
             .header(http::header::USER_AGENT, "tether-proxy-check")
             .body(Empty::<Bytes>::new())
@@ -458,8 +509,14 @@ pub fn parse_query(query: Option<&str>) -> std::result::Result<CheckOptions, Str
                 opts.namespace = Some(v.to_string());
             }
             "namespace" => {}
-            "skipNamespaceCheck" => opts.skip_namespace_check = v.is_empty() || v == "true" || v == "1",
-            other => return Err(format!("unknown parameter {other:?}: use namespace, skipNamespaceCheck")),
+            "skipNamespaceCheck" => {
+                opts.skip_namespace_check = v.is_empty() || v == "true" || v == "1"
+            }
+            other => {
+                return Err(format!(
+                    "unknown parameter {other:?}: use namespace, skipNamespaceCheck"
+                ))
+            }
         }
     }
     Ok(opts)
@@ -469,7 +526,9 @@ pub fn parse_query(query: Option<&str>) -> std::result::Result<CheckOptions, Str
 pub fn validate_namespace(ns: &str) -> std::result::Result<(), String> {
     let ok = !ns.is_empty()
         && ns.len() <= 63
-        && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !ns.starts_with('-')
         && !ns.ends_with('-');
     if ok {
@@ -527,9 +586,8 @@ pub fn cli(admin_addr: &str, cluster: &str, opts: &CheckOptions, json: bool) -> 
         path = format!("{path}?{}", query.join("&"));
     }
     let (code, body) = admin_get(admin_addr, &path, STEP_TIMEOUT * 4)?;
-    let report: CheckReport = serde_json::from_str(&body).with_context(|| {
-        format!("the proxy at {admin_addr} answered {code}: {}", body.trim())
-    })?;
+    let report: CheckReport = serde_json::from_str(&body)
+        .with_context(|| format!("the proxy at {admin_addr} answered {code}: {}", body.trim()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -554,7 +612,13 @@ pub fn render(report: &CheckReport, admin_addr: &str) -> String {
         };
         out.push_str(&format!("{mark} {:<width$}  {}\n", s.name, s.detail));
         if let Some(h) = &s.hint {
-            out.push_str(&format!("{:6} {:<width$}  look at: {h}\n", "", ""));
+            let indent = " ".repeat(6 + 1 + width + 2);
+            for line in wrap(
+                &format!("look at: {h}"),
+                96usize.saturating_sub(indent.len()).max(40),
+            ) {
+                out.push_str(&format!("{indent}{line}\n"));
+            }
         }
     }
     let ok = report
@@ -569,6 +633,25 @@ pub fn render(report: &CheckReport, admin_addr: &str) -> String {
         report.steps.len()
     ));
     out
+}
+
+/// Splits `text` into lines of at most `width` characters at spaces.
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.len() + 1 + word.len() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
 }
 
 #[cfg(test)]
@@ -588,7 +671,10 @@ mod tests {
     #[test]
     fn describes_status_objects() {
         let body = br#"{"kind":"Status","message":"namespaces is forbidden"}"#;
-        assert_eq!(describe(403, body), "403 Forbidden: namespaces is forbidden");
+        assert_eq!(
+            describe(403, body),
+            "403 Forbidden: namespaces is forbidden"
+        );
         assert_eq!(describe(502, b"oops\n"), "502 Bad Gateway: oops");
     }
 }

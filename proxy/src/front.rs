@@ -27,8 +27,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use tether_proto::messages::{StreamRejectCode, Target};
 use tether_proto::http::{full, status_response, Body};
+use tether_proto::messages::{StreamRejectCode, Target};
 use tether_proto::token::TokenVerifier;
 
 use crate::callers::{authenticate, Caller};

@@ -101,7 +101,9 @@ impl Gateway {
             return status_response(StatusCode::NOT_FOUND, &e);
         }
         if !caller.may_reach(cluster) {
-            self.registry.metrics().caller_auth_failure("cluster_not_allowed");
+            self.registry
+                .metrics()
+                .caller_auth_failure("cluster_not_allowed");
             info!(%cluster, user = %caller.user, "gateway request refused: cluster not covered");
             return status_response(
                 StatusCode::FORBIDDEN,
@@ -121,7 +123,11 @@ impl Gateway {
         let caller_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         // The request as the member will see it.
-        let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+        let query = req
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
         let (mut parts, body) = req.into_parts();
         parts.uri = match format!("{path}{query}").parse() {
             Ok(u) => u,
@@ -219,7 +225,12 @@ impl Gateway {
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(tunnel.into_io()))
             .await
-            .map_err(|e| status_response(StatusCode::BAD_GATEWAY, &format!("tunnel HTTP handshake: {e}")))?;
+            .map_err(|e| {
+                status_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("tunnel HTTP handshake: {e}"),
+                )
+            })?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 debug!(error = %e, "gateway tunnel connection ended with an error");
@@ -247,7 +258,10 @@ mod tests {
 
     #[test]
     fn paths() {
-        assert_eq!(split_gateway_path("/clusters/a/api/v1"), Some(("a", "/api/v1")));
+        assert_eq!(
+            split_gateway_path("/clusters/a/api/v1"),
+            Some(("a", "/api/v1"))
+        );
         assert_eq!(split_gateway_path("/clusters/a"), Some(("a", "/")));
         assert_eq!(split_gateway_path("/clusters/a/"), Some(("a", "/")));
         assert_eq!(split_gateway_path("/api"), None);

@@ -208,7 +208,6 @@ enum TokenCommand {
     },
 }
 
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     tether_proto::process::init_logging(&cli.log_format);
@@ -307,7 +306,10 @@ fn main() -> Result<()> {
             let key = StateDir::signing_key(&state_dir)?;
             let token = key.mint(&Claims::client(&user, groups, clusters, ttl)?);
             let ca = StateDir::ca_cert(&state_dir)?;
-            print!("{}", kubeconfig(&server, &cluster, &user, &ca, Credential::Token(&token)));
+            print!(
+                "{}",
+                kubeconfig(&server, &cluster, &user, &ca, Credential::Token(&token))
+            );
             Ok(())
         }
         Command::Cert(CertCommand::Client {
@@ -344,14 +346,25 @@ fn main() -> Result<()> {
                 Credential::Certificate(&leaf.cert_pem, &leaf.key_pem),
             );
             let kc = write("kubeconfig", &config)?;
-            println!("wrote {}, {} and {}", cert.display(), key.display(), kc.display());
+            println!(
+                "wrote {}, {} and {}",
+                cert.display(),
+                key.display(),
+                kc.display()
+            );
             Ok(())
         }
     }
 }
 
 /// State files a Secret carries (the serving certificate is issued per pod).
-const SECRET_FILES: &[&str] = &["ca.crt", "ca.key", "signing.key", "revoked.txt", "clusters.json"];
+const SECRET_FILES: &[&str] = &[
+    "ca.crt",
+    "ca.key",
+    "signing.key",
+    "revoked.txt",
+    "clusters.json",
+];
 
 /// `init --from DIR`: copies the state files DIR has into `state_dir` (mode 0600).
 fn copy_state(from: &std::path::Path, state_dir: &std::path::Path) -> Result<()> {
@@ -454,22 +467,27 @@ fn manifest(args: ManifestArgs) -> Result<()> {
 /// Asks the running proxy for its publish address; fails, saying what to do, when it has
 /// none that a member cluster could reach.
 fn publish_address_from_proxy(admin_addr: &str) -> Result<tether_proxy::settings::PublishAddress> {
-    let (code, body) = tether_proxy::check::admin_get(admin_addr, "/api/v1/publish-address", Duration::from_secs(10))
-        .with_context(|| {
-            format!(
-                "no --publish-address given, and the running proxy could not be asked for its \
+    let (code, body) = tether_proxy::check::admin_get(
+        admin_addr,
+        "/api/v1/publish-address",
+        Duration::from_secs(10),
+    )
+    .with_context(|| {
+        format!(
+            "no --publish-address given, and the running proxy could not be asked for its \
                  own at --admin-addr {admin_addr}: pass --publish-address tls://HOST:PORT (the \
                  address member clusters reach the proxy's agent port at), or the proxy's \
                  --admin-addr"
-            )
-        })?;
+        )
+    })?;
     anyhow::ensure!(
         code == 200,
         "the proxy at {admin_addr} answered {code} for its publish address: {}; pass \
          --publish-address tls://HOST:PORT",
         body.trim()
     );
-    let status: serde_json::Value = serde_json::from_str(&body).context("parsing the publish address")?;
+    let status: serde_json::Value =
+        serde_json::from_str(&body).context("parsing the publish address")?;
     let message = status["message"].as_str().unwrap_or("").to_string();
     let Some(addr) = status["publishAddress"].as_str() else {
         anyhow::bail!(
@@ -495,7 +513,13 @@ enum Credential<'a> {
 }
 
 /// A kubeconfig whose server is the gateway path of `cluster`, trusting the proxy's CA.
-fn kubeconfig(server: &str, cluster: &str, user: &str, ca_pem: &str, cred: Credential<'_>) -> String {
+fn kubeconfig(
+    server: &str,
+    cluster: &str,
+    user: &str,
+    ca_pem: &str,
+    cred: Credential<'_>,
+) -> String {
     use base64::Engine;
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     let user_entry = match cred {

@@ -158,8 +158,14 @@ impl Metrics {
             "Seconds until the proxy's certificates expire, by certificate (ca, server)",
             m.certificate_expiry.clone(),
         );
-        let bytes_to_agent = m.bytes.get_or_create(&label("direction", "to_agent")).clone();
-        let bytes_from_agent = m.bytes.get_or_create(&label("direction", "from_agent")).clone();
+        let bytes_to_agent = m
+            .bytes
+            .get_or_create(&label("direction", "to_agent"))
+            .clone();
+        let bytes_from_agent = m
+            .bytes
+            .get_or_create(&label("direction", "from_agent"))
+            .clone();
         Metrics {
             registry,
             bytes_to_agent,
@@ -281,7 +287,12 @@ impl Metrics {
                 .get_or_create(&label("cluster", cluster))
                 .set(*exp as f64 - now);
         }
-        for (which, t) in self.certificate_expiry_at.lock().expect("expiry lock").iter() {
+        for (which, t) in self
+            .certificate_expiry_at
+            .lock()
+            .expect("expiry lock")
+            .iter()
+        {
             self.certificate_expiry
                 .get_or_create(&label("certificate", which))
                 .set(*t as f64 - now);

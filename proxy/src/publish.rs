@@ -78,7 +78,9 @@ impl AutoPublish {
             Some(url) => {
                 let rest = match url.split_once("://") {
                     Some(("https", r)) => r,
-                    Some((s, _)) => bail!("--host-api-server {url:?}: scheme {s:?} is not supported, use https://"),
+                    Some((s, _)) => bail!(
+                        "--host-api-server {url:?}: scheme {s:?} is not supported, use https://"
+                    ),
                     None => url.as_str(),
                 };
                 let authority = rest.split('/').next().unwrap_or(rest);
@@ -102,7 +104,10 @@ impl AutoPublish {
                     .ok()
                     .and_then(|p| p.parse::<u16>().ok())
                     .unwrap_or(443);
-                (join_host_port(&host, port), "kubernetes.default.svc".to_string())
+                (
+                    join_host_port(&host, port),
+                    "kubernetes.default.svc".to_string(),
+                )
             }
         };
         let namespace = namespace
@@ -208,7 +213,11 @@ impl Publish {
     pub fn waiting(&self) -> Option<String> {
         let s = self.status.read().expect("publish lock");
         match &s.publish_address {
-            None => Some(s.message.clone().unwrap_or_else(|| "no publish address yet".into())),
+            None => Some(
+                s.message
+                    .clone()
+                    .unwrap_or_else(|| "no publish address yet".into()),
+            ),
             Some(_) => None,
         }
     }
@@ -311,7 +320,9 @@ pub async fn watch(
     let mut current: Option<String> = None;
     loop {
         let outcome = match read_service(&auto).await {
-            Ok(svc) => address_from_service(&svc, &scheme, agent_port, &auto.namespace, &auto.service),
+            Ok(svc) => {
+                address_from_service(&svc, &scheme, agent_port, &auto.namespace, &auto.service)
+            }
             Err(e) => Err(format!(
                 "waiting for a LoadBalancer address: cannot read Service {}/{} from the host API \
                  server at {}: {e:#}",
@@ -450,7 +461,10 @@ async fn read_service(auto: &AutoPublish) -> Result<Value> {
         .with_context(|| format!("reading the token {}", auto.token_file.display()))?;
     let ca = std::fs::read_to_string(&auto.ca_file)
         .with_context(|| format!("reading the CA {}", auto.ca_file.display()))?;
-    let path = format!("/api/v1/namespaces/{}/services/{}", auto.namespace, auto.service);
+    let path = format!(
+        "/api/v1/namespaces/{}/services/{}",
+        auto.namespace, auto.service
+    );
     let config = tether_proto::tls::client_config(&ca, &[b"http/1.1"], None)?;
     let fetch = async {
         let tcp = tokio::net::TcpStream::connect(&auto.api_server).await?;
@@ -462,7 +476,10 @@ async fn read_service(auto: &AutoPublish) -> Result<Value> {
         let driver = tokio::spawn(conn);
         let req = http::Request::get(&path)
             .header(http::header::HOST, auto.server_name.as_str())
-            .header(http::header::AUTHORIZATION, format!("Bearer {}", token.trim()))
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", token.trim()),
+            )
             .header(http::header::ACCEPT, "application/json")
             .body(Empty::<bytes::Bytes>::new())?;
         let resp = sender.send_request(req).await?;
@@ -486,7 +503,10 @@ async fn read_service(auto: &AutoPublish) -> Result<Value> {
     };
     match status.as_u16() {
         200 => serde_json::from_slice(&body).context("parsing the Service"),
-        401 => bail!("401 Unauthorized: the API server refused the proxy's token ({})", message()),
+        401 => bail!(
+            "401 Unauthorized: the API server refused the proxy's token ({})",
+            message()
+        ),
         403 => bail!(
             "403 Forbidden: the proxy's ServiceAccount may not read the Service; grant it `get` on \
              services (the Role in deploy/proxy.yaml) ({})",
@@ -519,18 +539,37 @@ mod tests {
 
     #[test]
     fn load_balancer_ip_or_hostname() {
-        let a = address_from_service(&svc("LoadBalancer", json!({"ingress": [{"ip": "203.0.113.7"}]})), "tls", 8443, "ns", "s").unwrap();
+        let a = address_from_service(
+            &svc("LoadBalancer", json!({"ingress": [{"ip": "203.0.113.7"}]})),
+            "tls",
+            8443,
+            "ns",
+            "s",
+        )
+        .unwrap();
         assert_eq!(a.to_string(), "tls://203.0.113.7:443");
-        let a = address_from_service(&svc("LoadBalancer", json!({"ingress": [{"hostname": "lb.example.com"}]})), "quic", 8443, "ns", "s").unwrap();
+        let a = address_from_service(
+            &svc(
+                "LoadBalancer",
+                json!({"ingress": [{"hostname": "lb.example.com"}]}),
+            ),
+            "quic",
+            8443,
+            "ns",
+            "s",
+        )
+        .unwrap();
         assert_eq!(a.to_string(), "quic://lb.example.com:443");
     }
 
     #[test]
     fn waiting_names_the_node_port() {
-        let why = address_from_service(&svc("LoadBalancer", json!({})), "tls", 8443, "ns", "s").unwrap_err();
+        let why = address_from_service(&svc("LoadBalancer", json!({})), "tls", 8443, "ns", "s")
+            .unwrap_err();
         assert!(why.contains("waiting for a LoadBalancer"), "{why}");
         assert!(why.contains("NodePort 31443"), "{why}");
-        let why = address_from_service(&svc("NodePort", json!({})), "tls", 8443, "ns", "s").unwrap_err();
+        let why =
+            address_from_service(&svc("NodePort", json!({})), "tls", 8443, "ns", "s").unwrap_err();
         assert!(why.contains("type NodePort"), "{why}");
         assert!(why.contains("tls://NODE_ADDRESS:31443"), "{why}");
     }
@@ -544,6 +583,11 @@ mod tests {
             ]},
             "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}},
         });
-        assert_eq!(address_from_service(&s, "tls", 8443, "n", "s").unwrap().port, 7000);
+        assert_eq!(
+            address_from_service(&s, "tls", 8443, "n", "s")
+                .unwrap()
+                .port,
+            7000
+        );
     }
 }

@@ -121,7 +121,10 @@ pub enum OpenError {
 
 fn since_text(since: Option<SystemTime>) -> String {
     match since {
-        Some(t) => format!(" (disconnected since {})", humantime::format_rfc3339_seconds(t)),
+        Some(t) => format!(
+            " (disconnected since {})",
+            humantime::format_rfc3339_seconds(t)
+        ),
         None => String::new(),
     }
 }
@@ -207,7 +210,9 @@ impl tokio::io::AsyncWrite for CountedStream {
     ) -> std::task::Poll<std::io::Result<usize>> {
         let poll = std::pin::Pin::new(&mut self.stream).poll_write(cx, buf);
         if let std::task::Poll::Ready(Ok(n)) = &poll {
-            self.agent.bytes_to_agent.fetch_add(*n as u64, Ordering::Relaxed);
+            self.agent
+                .bytes_to_agent
+                .fetch_add(*n as u64, Ordering::Relaxed);
             self.metrics.bytes(*n as u64, 0);
         }
         poll
@@ -304,12 +309,18 @@ impl SessionRegistry {
     /// All connected sessions (for draining at shutdown).
     pub fn sessions(&self) -> Vec<Arc<AgentSession>> {
         let map = self.clusters.read().expect("registry lock");
-        map.values().flat_map(|e| e.agents.iter().cloned()).collect()
+        map.values()
+            .flat_map(|e| e.agents.iter().cloned())
+            .collect()
     }
 
     /// Whether any agent of `cluster` ever connected (this run, or recorded in the state dir).
     pub fn is_known(&self, cluster: &str) -> bool {
-        self.clusters.read().expect("registry lock").contains_key(cluster) || self.uids.known(cluster)
+        self.clusters
+            .read()
+            .expect("registry lock")
+            .contains_key(cluster)
+            || self.uids.known(cluster)
     }
 
     /// Picks the least-loaded connected, non-draining agent of `cluster`.
@@ -423,8 +434,10 @@ impl SessionRegistry {
                 let empty = ClusterEntry::default();
                 let entry = map.get(name).unwrap_or(&empty);
                 let agents = &entry.agents;
-                let mut transports: Vec<String> =
-                    agents.iter().map(|a| a.handle.info().transport.to_string()).collect();
+                let mut transports: Vec<String> = agents
+                    .iter()
+                    .map(|a| a.handle.info().transport.to_string())
+                    .collect();
                 transports.sort();
                 transports.dedup();
                 ClusterStatus {
@@ -476,7 +489,9 @@ enum HandshakeError {
 
 /// Sends `StreamOpen` and reads the agent's `StreamReply`.
 async fn handshake(mut stream: MuxStream, open: &StreamOpen) -> Result<MuxStream, HandshakeError> {
-    write_message(&mut stream, open).await.map_err(HandshakeError::Frame)?;
+    write_message(&mut stream, open)
+        .await
+        .map_err(HandshakeError::Frame)?;
     let reply: StreamReply = read_message(&mut stream, DEFAULT_MAX_FRAME)
         .await
         .map_err(HandshakeError::Frame)?;

@@ -23,20 +23,24 @@ use tether_proto::transport::SessionConfig;
 
 use crate::admin::{self, Admin};
 use crate::agents::{self, AgentGate};
+use crate::expose;
 use crate::front::{self, Front};
 use crate::metrics::Metrics;
 use crate::publish::{self, Publish, Reissue, ServingCert};
 use crate::registry::SessionRegistry;
 use crate::settings::{split_host_port, Settings};
 use crate::state::{ClusterUids, StateDir, CLUSTER_UIDS};
-use crate::expose;
 
 /// File in the state dir listing revoked token ids, one per line.
 pub const REVOKED: &str = "revoked.txt";
 
 /// Names the serving certificate must cover.
 fn certificate_names(settings: &Settings) -> Vec<String> {
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     names.push(settings.publish_address.host.clone());
     for addr in [&settings.agent_addr, &settings.front_addr] {
         if let Ok((host, _)) = split_host_port(addr) {
@@ -182,14 +186,26 @@ pub async fn run(settings: Settings) -> Result<()> {
         let addr = l.local_addr()?;
         registry.add_listener(&e.cluster, addr.to_string());
         exposed.push((e.cluster.clone(), addr));
-        tokio::spawn(expose::serve(l, e.cluster.clone(), registry.clone(), shutdown.clone()));
+        tokio::spawn(expose::serve(
+            l,
+            e.cluster.clone(),
+            registry.clone(),
+            shutdown.clone(),
+        ));
     }
 
     if let Some(auto) = settings.publish_auto.clone() {
         let port = split_host_port(&agent_addr).map(|(_, p)| p).unwrap_or(0);
-        let scheme = if settings.transports.tls { "tls" } else { "quic" };
+        let scheme = if settings.transports.tls {
+            "tls"
+        } else {
+            "quic"
+        };
         let reissue = Reissue {
-            ca: tether_proto::tls::CertificateAuthority::load(state.ca.cert_pem(), &state.ca.key_pem())?,
+            ca: tether_proto::tls::CertificateAuthority::load(
+                state.ca.cert_pem(),
+                &state.ca.key_pem(),
+            )?,
             base_names: certificate_names(&settings),
             state_dir: settings.state_dir.clone(),
             cert: serving_cert.clone(),
@@ -229,7 +245,9 @@ pub async fn run(settings: Settings) -> Result<()> {
     {
         let (verifier, dir) = (verifier.clone(), settings.state_dir.clone());
         tokio::spawn(async move {
-            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
                 return;
             };
             while hup.recv().await.is_some() {
@@ -263,17 +281,16 @@ pub async fn run(settings: Settings) -> Result<()> {
 async fn drain(registry: &SessionRegistry, timeout: Duration) {
     let start = Instant::now();
     loop {
-        let open: usize = registry
-            .sessions()
-            .iter()
-            .map(|s| s.data_streams())
-            .sum();
+        let open: usize = registry.sessions().iter().map(|s| s.data_streams()).sum();
         if open == 0 {
             info!("all streams finished");
             return;
         }
         if start.elapsed() >= timeout {
-            warn!(open, "drain timeout passed with streams still open; closing them");
+            warn!(
+                open,
+                "drain timeout passed with streams still open; closing them"
+            );
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -257,7 +257,9 @@ pub fn split_host_port(s: &str) -> Result<(String, u16)> {
     if host.is_empty() {
         bail!("empty host in {s:?}");
     }
-    let port = port.parse::<u16>().with_context(|| format!("bad port in {s:?}"))?;
+    let port = port
+        .parse::<u16>()
+        .with_context(|| format!("bad port in {s:?}"))?;
     Ok((host.to_string(), port))
 }
 
@@ -266,7 +268,8 @@ impl ServeArgs {
     pub fn resolve(self) -> Result<Settings> {
         let file = match &self.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?;
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading config {}", p.display()))?;
                 serde_yaml_ng::from_str::<ConfigFile>(&text)
                     .with_context(|| format!("parsing config {}", p.display()))?
             }
@@ -282,7 +285,8 @@ impl ServeArgs {
             .is_some_and(|p| p.trim().eq_ignore_ascii_case("auto"));
         let publish_auto = if auto {
             Some(crate::publish::AutoPublish::resolve(
-                self.publish_service_namespace.or(file.publish_service_namespace),
+                self.publish_service_namespace
+                    .or(file.publish_service_namespace),
                 self.publish_service.or(file.publish_service),
                 self.host_api_server.or(file.host_api_server),
                 self.host_api_ca_file.or(file.host_api_ca_file),
@@ -296,7 +300,11 @@ impl ServeArgs {
             Some(p) => PublishAddress::parse(&p)?,
             None => {
                 let (host, port) = split_host_port(&agent_addr)?;
-                let host = if host == "0.0.0.0" || host == "::" { "127.0.0.1".into() } else { host };
+                let host = if host == "0.0.0.0" || host == "::" {
+                    "127.0.0.1".into()
+                } else {
+                    host
+                };
                 PublishAddress {
                     scheme: "tls".into(),
                     host,
@@ -359,7 +367,11 @@ fn default_proxy_id() -> String {
         .or_else(|_| std::env::var("HOSTNAME"))
         .ok()
         .filter(|s| !s.is_empty())
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "tether-proxy".into())
 }
@@ -373,8 +385,16 @@ mod tests {
         let p = PublishAddress::parse("tls://proxy.example.com:8443").unwrap();
         assert_eq!((p.host.as_str(), p.port), ("proxy.example.com", 8443));
         assert_eq!(PublishAddress::parse("10.0.0.1:443").unwrap().scheme, "tls");
-        assert_eq!(PublishAddress::parse("quic://[::1]:8443").unwrap().host, "::1");
-        assert_eq!(PublishAddress::parse("quic://[::1]:8443").unwrap().to_string(), "quic://[::1]:8443");
+        assert_eq!(
+            PublishAddress::parse("quic://[::1]:8443").unwrap().host,
+            "::1"
+        );
+        assert_eq!(
+            PublishAddress::parse("quic://[::1]:8443")
+                .unwrap()
+                .to_string(),
+            "quic://[::1]:8443"
+        );
         assert!(PublishAddress::parse("http://x:1").is_err());
         assert!(PublishAddress::parse("tls://x").is_err());
     }
@@ -402,7 +422,12 @@ mod tests {
         assert_eq!(s.publish_address.to_string(), "tls://127.0.0.1:1111");
         assert_eq!(s.transports, Transports::default());
         std::fs::write(&f, "agentAdr: typo\n").unwrap();
-        let err = ServeArgs { config: Some(f), ..Default::default() }.resolve().unwrap_err();
+        let err = ServeArgs {
+            config: Some(f),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
         assert!(format!("{err:#}").contains("agentAdr"), "{err:#}");
     }
 

@@ -34,7 +34,11 @@ async fn stock_kubectl_reaches_the_member_through_connect() {
     assert!(proxy.wait_agents("member", 1, WAIT).await);
     let token = proxy.client_token("caller", "member");
     let path = proxy.dir.path().join("connect.kubeconfig");
-    std::fs::write(&path, connect_kubeconfig(&proxy, &fixture, "member", &token)).unwrap();
+    std::fs::write(
+        &path,
+        connect_kubeconfig(&proxy, &fixture, "member", &token),
+    )
+    .unwrap();
 
     let out = Command::new("kubectl")
         .arg("--kubeconfig")
@@ -42,15 +46,26 @@ async fn stock_kubectl_reaches_the_member_through_connect() {
         .args(["get", "ns", "--request-timeout=20s"])
         .output()
         .expect("kubectl must be installed");
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && stdout.contains("kube-system"), "{stdout}{stderr}");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && stdout.contains("kube-system"),
+        "{stdout}{stderr}"
+    );
     // TLS ran end to end: the member saw kubectl's own credential, not tether's token.
     let seen = fixture.requests();
     assert!(!seen.is_empty());
-    assert!(seen.iter().all(|r| r.header("authorization") == Some("Bearer member-credential")));
+    assert!(seen
+        .iter()
+        .all(|r| r.header("authorization") == Some("Bearer member-credential")));
     assert!(seen.iter().all(|r| r.header("impersonate-user").is_none()));
     let opens = proxy.metrics();
-    assert!(opens.contains("tether_stream_opens_total{result=\"ok\"}"), "{opens}");
+    assert!(
+        opens.contains("tether_stream_opens_total{result=\"ok\"}"),
+        "{opens}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,8 +73,20 @@ async fn replicas_share_a_cluster_and_survive_each_other() {
     let up = TlsEchoUpstream::start("replicated").await;
     let proxy = Proxy::start(ProxyOptions::default()).await;
     let token = proxy.agent_token("a");
-    let mut one = Agent::start_with_token(&proxy, "a", &up.addr.to_string(), &token, &["--cluster-uid", "uid-a"]);
-    let _two = Agent::start_with_token(&proxy, "a", &up.addr.to_string(), &token, &["--cluster-uid", "uid-a"]);
+    let mut one = Agent::start_with_token(
+        &proxy,
+        "a",
+        &up.addr.to_string(),
+        &token,
+        &["--cluster-uid", "uid-a"],
+    );
+    let _two = Agent::start_with_token(
+        &proxy,
+        "a",
+        &up.addr.to_string(),
+        &token,
+        &["--cluster-uid", "uid-a"],
+    );
     assert!(proxy.wait_agents("a", 2, WAIT).await, "{}", proxy.log());
 
     // Streams are spread across both replicas.
@@ -85,9 +112,18 @@ async fn replicas_share_a_cluster_and_survive_each_other() {
     assert_eq!(up.client(t).await.0, "replicated");
 
     // A different cluster UID under the same name is a second cluster: refused.
-    let imposter = Agent::start_with_token(&proxy, "a", &up.addr.to_string(), &token, &["--cluster-uid", "uid-b"]);
+    let imposter = Agent::start_with_token(
+        &proxy,
+        "a",
+        &up.addr.to_string(),
+        &token,
+        &["--cluster-uid", "uid-b"],
+    );
     assert!(
-        imposter.process.wait_for_log("already belongs to the cluster with UID uid-a", WAIT).await,
+        imposter
+            .process
+            .wait_for_log("already belongs to the cluster with UID uid-a", WAIT)
+            .await,
         "{}",
         imposter.log()
     );

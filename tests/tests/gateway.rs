@@ -31,7 +31,11 @@ impl Env {
         let agent = start_agent(&proxy, &fixture, "local", true);
         assert!(proxy.wait_agents("local", 1, WAIT).await, "{}", agent.log());
         let kubeconfig = proxy.dir.path().join("alice.kubeconfig");
-        write_kubeconfig(&proxy, &kubeconfig, &["--cluster", "local", "--user", "alice", "--group", "dev"]);
+        write_kubeconfig(
+            &proxy,
+            &kubeconfig,
+            &["--cluster", "local", "--user", "alice", "--group", "dev"],
+        );
         Env {
             fixture,
             proxy,
@@ -50,7 +54,10 @@ fn start_agent(proxy: &Proxy, fixture: &Fixture, cluster: &str, credentials: boo
     let token = proxy.dir.path().join("member-sa.token");
     std::fs::write(&ca, fixture.ca_pem()).unwrap();
     std::fs::write(&token, AGENT_SA_TOKEN).unwrap();
-    let (ca, token) = (ca.to_str().unwrap().to_string(), token.to_str().unwrap().to_string());
+    let (ca, token) = (
+        ca.to_str().unwrap().to_string(),
+        token.to_str().unwrap().to_string(),
+    );
     let args: Vec<&str> = if credentials {
         vec!["--upstream-ca-file", &ca, "--upstream-token-file", &token]
     } else {
@@ -70,18 +77,30 @@ fn write_kubeconfig(proxy: &Proxy, path: &std::path::Path, args: &[&str]) {
         .arg(format!("https://127.0.0.1:{}", proxy.front_port))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::write(path, out.stdout).unwrap();
 }
 
 /// Runs stock kubectl; returns (success, stdout, stderr).
-fn kubectl(kubeconfig: &std::path::Path, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+fn kubectl(
+    kubeconfig: &std::path::Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> (bool, String, String) {
     let mut child = Command::new("kubectl")
         .arg("--kubeconfig")
         .arg(kubeconfig)
         .arg("--request-timeout=20s")
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -102,7 +121,9 @@ fn kubectl(kubeconfig: &std::path::Path, args: &[&str], stdin: Option<&str>) -> 
 /// A TLS connection to the proxy's front.
 async fn front_tls(proxy: &Proxy) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let config = tether_proto::tls::client_config(&proxy.ca_pem(), &[b"http/1.1"], None).unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.front_port)).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.front_port))
+        .await
+        .unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect("localhost".try_into().unwrap(), tcp)
         .await
@@ -112,20 +133,26 @@ async fn front_tls(proxy: &Proxy) -> tokio_rustls::client::TlsStream<tokio::net:
 /// One HTTP/1.1 request to the front: (status, body).
 async fn request(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> (u16, Bytes) {
     let tls = front_tls(proxy).await;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let mut req = http::Request::get(path).header("host", "localhost");
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = sender.send_request(req.body(Empty::<Bytes>::new()).unwrap()).await.unwrap();
+    let resp = sender
+        .send_request(req.body(Empty::<Bytes>::new()).unwrap())
+        .await
+        .unwrap();
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, body)
 }
 
 fn status_of(body: &[u8]) -> serde_json::Value {
-    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_else(|_| panic!("not JSON: {body:?}"));
+    let v: serde_json::Value =
+        serde_json::from_slice(body).unwrap_or_else(|_| panic!("not JSON: {body:?}"));
     assert_eq!(v["kind"], "Status", "{v}");
     assert_eq!(v["status"], "Failure", "{v}");
     v
@@ -145,7 +172,14 @@ async fn kubectl_crud_with_impersonation_and_no_caller_credentials() {
     let env = Env::start().await;
     let (ok, out, err) = env.kubectl(&["get", "ns"]);
     assert!(ok && out.contains("default"), "{out}{err}");
-    let (ok, _, err) = env.kubectl(&["create", "configmap", "x", "--from-literal=a=b", "-n", "default"]);
+    let (ok, _, err) = env.kubectl(&[
+        "create",
+        "configmap",
+        "x",
+        "--from-literal=a=b",
+        "-n",
+        "default",
+    ]);
     assert!(ok, "{err}");
     let (ok, out, err) = env.kubectl(&["get", "configmap", "x", "-n", "default", "-o", "yaml"]);
     assert!(ok && out.contains("a: b"), "{out}{err}");
@@ -164,10 +198,22 @@ async fn kubectl_crud_with_impersonation_and_no_caller_credentials() {
     assert!(requests.len() >= 5);
     for r in &requests {
         assert_eq!(r.header("impersonate-user"), Some("alice"), "{:?}", r.path);
-        assert_eq!(r.header_all("impersonate-group"), vec!["dev"], "{:?}", r.path);
-        assert_eq!(r.header("authorization"), Some(&*format!("Bearer {AGENT_SA_TOKEN}")));
+        assert_eq!(
+            r.header_all("impersonate-group"),
+            vec!["dev"],
+            "{:?}",
+            r.path
+        );
+        assert_eq!(
+            r.header("authorization"),
+            Some(&*format!("Bearer {AGENT_SA_TOKEN}"))
+        );
         for (_, v) in &r.headers {
-            assert!(!v.contains(&caller_token), "caller token leaked to the member in {:?}", r.path);
+            assert!(
+                !v.contains(&caller_token),
+                "caller token leaked to the member in {:?}",
+                r.path
+            );
         }
     }
 
@@ -245,14 +291,21 @@ async fn watch_streams_events_as_they_happen() {
     .expect("the new namespace shows in the watch");
     let latency = created.elapsed();
     println!("watch event arrived {latency:?} after creation");
-    assert!(latency < Duration::from_secs(1), "watch event took {latency:?}");
+    assert!(
+        latency < Duration::from_secs(1),
+        "watch event took {latency:?}"
+    );
     let _ = child.kill().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_over_websocket_and_raw_upgrades_pass_through() {
     let env = Env::start().await;
-    let (ok, out, err) = kubectl(&env.kubeconfig, &["exec", "-i", "p", "--", "cat"], Some("hello through exec\n"));
+    let (ok, out, err) = kubectl(
+        &env.kubeconfig,
+        &["exec", "-i", "p", "--", "cat"],
+        Some("hello through exec\n"),
+    );
     assert!(ok, "{err}");
     assert_eq!(out, "hello through exec\n");
 
@@ -270,8 +323,13 @@ async fn exec_over_websocket_and_raw_upgrades_pass_through() {
     }
     let resp = String::from_utf8_lossy(&resp);
     assert!(resp.starts_with("HTTP/1.1 101"), "{resp}");
-    assert!(resp.to_ascii_lowercase().contains("upgrade: spdy/3.1"), "{resp}");
-    let payload: Vec<u8> = (0..(1 << 20)).map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    assert!(
+        resp.to_ascii_lowercase().contains("upgrade: spdy/3.1"),
+        "{resp}"
+    );
+    let payload: Vec<u8> = (0..(1 << 20))
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
     let (mut r, mut w) = tokio::io::split(tls);
     let send = payload.clone();
     let writer = tokio::spawn(async move {
@@ -279,12 +337,25 @@ async fn exec_over_websocket_and_raw_upgrades_pass_through() {
         w.shutdown().await.unwrap();
     });
     let mut back = Vec::new();
-    tokio::time::timeout(WAIT, r.read_to_end(&mut back)).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, r.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
     writer.await.unwrap();
-    assert!(back == payload, "upgrade echo differs ({} bytes back)", back.len());
+    assert!(
+        back == payload,
+        "upgrade echo differs ({} bytes back)",
+        back.len()
+    );
     let seen = env.fixture.requests();
-    let up = seen.iter().find(|r| r.path.starts_with("/fixture/upgrade-echo")).unwrap();
-    assert_eq!(up.path, "/fixture/upgrade-echo?command=x&stdin=true", "query string intact");
+    let up = seen
+        .iter()
+        .find(|r| r.path.starts_with("/fixture/upgrade-echo"))
+        .unwrap();
+    assert_eq!(
+        up.path, "/fixture/upgrade-echo?command=x&stdin=true",
+        "query string intact"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,30 +368,58 @@ async fn failures_are_status_objects_kubectl_can_print() {
     let text = std::fs::read_to_string(&env.kubeconfig).unwrap();
     let mangled: String = text
         .lines()
-        .map(|l| if l.trim().starts_with("token:") { "    token: not-a-token" } else { l })
+        .map(|l| {
+            if l.trim().starts_with("token:") {
+                "    token: not-a-token"
+            } else {
+                l
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n");
     std::fs::write(&bad, mangled).unwrap();
     // kubectl prints our message or, depending on its version, its own words for a 401.
-    let unauthorized = |err: &str| err.contains("client token refused") || err.contains("provide credentials");
+    let unauthorized =
+        |err: &str| err.contains("client token refused") || err.contains("provide credentials");
     let (ok, _, err) = kubectl(&bad, &["get", "ns"], None);
     assert!(!ok && unauthorized(&err), "{err}");
-    let (status, body) = request(&env.proxy, "/clusters/local/api", &[("authorization", "Bearer not-a-token")]).await;
+    let (status, body) = request(
+        &env.proxy,
+        "/clusters/local/api",
+        &[("authorization", "Bearer not-a-token")],
+    )
+    .await;
     assert_eq!(status, 401);
     let v = status_of(&body);
     assert_eq!(v["reason"], "Unauthorized");
-    assert!(v["message"].as_str().unwrap().contains("client token refused"), "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("client token refused"),
+        "{v}"
+    );
     let (status, body) = request(&env.proxy, "/clusters/local/api", &[]).await;
     assert_eq!(status, 401);
-    assert!(status_of(&body)["message"].as_str().unwrap().contains("no credentials"));
+    assert!(status_of(&body)["message"]
+        .as_str()
+        .unwrap()
+        .contains("no credentials"));
 
     // 403: a token for cluster a cannot reach local.
     let other = dir.join("other.kubeconfig");
-    write_kubeconfig(&env.proxy, &other, &["--cluster", "local", "--clusters", "a", "--user", "alice"]);
+    write_kubeconfig(
+        &env.proxy,
+        &other,
+        &["--cluster", "local", "--clusters", "a", "--user", "alice"],
+    );
     // kubectl 1.32+ drops the Status message on discovery errors ("Forbidden: unknown");
     // earlier versions print it. The Status itself is checked on the raw response.
     let (ok, _, err) = kubectl(&other, &["get", "ns"], None);
-    assert!(!ok && (err.contains("may not reach cluster \"local\"") || err.contains("Forbidden")), "{err}");
+    assert!(
+        !ok && (err.contains("may not reach cluster \"local\"") || err.contains("Forbidden")),
+        "{err}"
+    );
     let only_a = env.proxy.client_token("alice", "a");
     let (status, body) = request(
         &env.proxy,
@@ -331,16 +430,32 @@ async fn failures_are_status_objects_kubectl_can_print() {
     assert_eq!(status, 403);
     let v = status_of(&body);
     assert_eq!(v["reason"], "Forbidden");
-    assert!(v["message"].as_str().unwrap().contains("may not reach cluster \"local\""), "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("may not reach cluster \"local\""),
+        "{v}"
+    );
 
     // An expired token.
     let expired = dir.join("expired.kubeconfig");
-    write_kubeconfig(&env.proxy, &expired, &["--cluster", "local", "--user", "alice", "--ttl", "1s"]);
+    write_kubeconfig(
+        &env.proxy,
+        &expired,
+        &["--cluster", "local", "--user", "alice", "--ttl", "1s"],
+    );
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let (ok, _, err) = kubectl(&expired, &["get", "ns"], None);
-    assert!(!ok && (err.contains("expired") || unauthorized(&err)), "{err}");
+    assert!(
+        !ok && (err.contains("expired") || unauthorized(&err)),
+        "{err}"
+    );
     let expired_token = std::fs::read_to_string(&expired).unwrap();
-    let expired_token = expired_token.lines().find_map(|l| l.trim().strip_prefix("token: ")).unwrap();
+    let expired_token = expired_token
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token: "))
+        .unwrap();
     let (status, body) = request(
         &env.proxy,
         "/clusters/local/api",
@@ -348,31 +463,64 @@ async fn failures_are_status_objects_kubectl_can_print() {
     )
     .await;
     assert_eq!(status, 401);
-    assert!(status_of(&body)["message"].as_str().unwrap().contains("expired"));
+    assert!(status_of(&body)["message"]
+        .as_str()
+        .unwrap()
+        .contains("expired"));
 
     // 404: a cluster nobody has heard of.
     let token = env.proxy.client_token("root", "*");
     let auth = format!("Bearer {token}");
-    let (status, body) = request(&env.proxy, "/clusters/nope/api", &[("authorization", &auth)]).await;
+    let (status, body) = request(
+        &env.proxy,
+        "/clusters/nope/api",
+        &[("authorization", &auth)],
+    )
+    .await;
     assert_eq!(status, 404);
-    assert!(status_of(&body)["message"].as_str().unwrap().contains("not known"));
+    assert!(status_of(&body)["message"]
+        .as_str()
+        .unwrap()
+        .contains("not known"));
 
     // 502: an agent without API server credentials cannot serve the gateway.
     let _bare = start_agent(&env.proxy, &env.fixture, "bare", false);
     assert!(env.proxy.wait_agents("bare", 1, WAIT).await);
-    let (status, body) = request(&env.proxy, "/clusters/bare/api", &[("authorization", &auth)]).await;
+    let (status, body) = request(
+        &env.proxy,
+        "/clusters/bare/api",
+        &[("authorization", &auth)],
+    )
+    .await;
     assert_eq!(status, 502);
-    assert!(status_of(&body)["message"].as_str().unwrap().contains("no credentials"), "{body:?}");
+    assert!(
+        status_of(&body)["message"]
+            .as_str()
+            .unwrap()
+            .contains("no credentials"),
+        "{body:?}"
+    );
 
     // 503: the agent is gone.
     env.agent.process.kill();
     assert!(env.proxy.wait_agents("local", 0, WAIT).await);
-    let (status, body) = request(&env.proxy, "/clusters/local/api", &[("authorization", &auth)]).await;
+    let (status, body) = request(
+        &env.proxy,
+        "/clusters/local/api",
+        &[("authorization", &auth)],
+    )
+    .await;
     assert_eq!(status, 503);
     let message = status_of(&body)["message"].as_str().unwrap().to_string();
-    assert!(message.contains("no agent of cluster \"local\" is connected (disconnected since"), "{message}");
+    assert!(
+        message.contains("no agent of cluster \"local\" is connected (disconnected since"),
+        "{message}"
+    );
     let (ok, _, err) = env.kubectl(&["get", "ns"]);
-    assert!(!ok && (err.contains("no agent of cluster") || err.contains("ServiceUnavailable")), "{err}");
+    assert!(
+        !ok && (err.contains("no agent of cluster") || err.contains("ServiceUnavailable")),
+        "{err}"
+    );
     env.agent = start_agent(&env.proxy, &env.fixture, "local", true);
     assert!(env.proxy.wait_agents("local", 1, WAIT).await);
     let (ok, _, err) = env.kubectl(&["get", "ns"]);
@@ -384,7 +532,17 @@ async fn client_certificate_identity() {
     let env = Env::start().await;
     let out_dir = env.proxy.dir.path().join("certs");
     let out = Command::new(bin("tether-proxy"))
-        .args(["cert", "client", "--user", "bob", "--group", "ops", "--clusters", "local", "--state-dir"])
+        .args([
+            "cert",
+            "client",
+            "--user",
+            "bob",
+            "--group",
+            "ops",
+            "--clusters",
+            "local",
+            "--state-dir",
+        ])
         .arg(&env.proxy.state_dir)
         .arg("--out-dir")
         .arg(&out_dir)
@@ -392,16 +550,27 @@ async fn client_certificate_identity() {
         .arg(format!("https://127.0.0.1:{}", env.proxy.front_port))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(out_dir.join("bob.key")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(out_dir.join("bob.key"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     env.fixture.clear_requests();
     let (ok, out, err) = kubectl(&out_dir.join("bob.kubeconfig"), &["get", "ns"], None);
     assert!(ok && out.contains("default"), "{err}");
     let seen = env.fixture.requests();
-    assert!(seen.iter().all(|r| r.header("impersonate-user") == Some("bob")));
-    assert!(seen.iter().all(|r| r.header_all("impersonate-group") == vec!["ops"]));
+    assert!(seen
+        .iter()
+        .all(|r| r.header("impersonate-user") == Some("bob")));
+    assert!(seen
+        .iter()
+        .all(|r| r.header_all("impersonate-group") == vec!["ops"]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -415,7 +584,9 @@ async fn large_and_many_responses_with_bounded_proxy_memory() {
     // 50 MiB in one response, streamed.
     let size = 50u64 << 20;
     let tls = front_tls(&env.proxy).await;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let req = http::Request::get(format!("/clusters/local/fixture/blob?size={size}"))
         .header("host", "localhost")
@@ -450,12 +621,16 @@ async fn large_and_many_responses_with_bounded_proxy_memory() {
         let auth = auth.clone();
         tasks.push(tokio::spawn(async move {
             let config = tether_proto::tls::client_config(&ca, &[b"http/1.1"], None).unwrap();
-            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
             let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
                 .connect("localhost".try_into().unwrap(), tcp)
                 .await
                 .unwrap();
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .unwrap();
             tokio::spawn(conn);
             let req = http::Request::get("/clusters/local/api/v1/namespaces/default")
                 .header("host", "localhost")
@@ -469,12 +644,18 @@ async fn large_and_many_responses_with_bounded_proxy_memory() {
         }));
     }
     for t in tasks {
-        let (status, body) = tokio::time::timeout(Duration::from_secs(60), t).await.unwrap().unwrap();
+        let (status, body) = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(status, 200, "{body:?}");
         assert!(String::from_utf8_lossy(&body).contains("\"name\":\"default\""));
     }
     peak = peak.max(rss_kib(pid));
     let grew = peak.saturating_sub(before);
     println!("proxy RSS before {before} KiB, peak {peak} KiB (grew {grew} KiB)");
-    assert!(grew < 40 * 1024, "proxy memory grew by {grew} KiB while streaming 50 MiB and 200 requests");
+    assert!(
+        grew < 40 * 1024,
+        "proxy memory grew by {grew} KiB while streaming 50 MiB and 200 requests"
+    );
 }

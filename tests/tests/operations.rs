@@ -80,7 +80,11 @@ fn check(proxy: &Proxy, args: &[&str]) -> (i32, String, String) {
     let mut all = vec!["check", "--admin-addr", &admin];
     all.extend_from_slice(args);
     let out = tether_proxy(&all);
-    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
 }
 
 /// The YAML documents of a multi-document stream (empty ones left out).
@@ -95,11 +99,29 @@ fn find_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
     docs.iter().filter(|d| d["kind"] == kind).collect()
 }
 
+/// The `kubernetes-validate` command: the script, or the module under `python3`.
+fn validator() -> Option<Command> {
+    let works = |mut c: Command| {
+        c.arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    if works(Command::new("kubernetes-validate")) {
+        return Some(Command::new("kubernetes-validate"));
+    }
+    let module = || {
+        let mut c = Command::new("python3");
+        c.args(["-m", "kubernetes_validate"]);
+        c
+    };
+    works(module()).then(module)
+}
+
 /// Validates `file` against the Kubernetes schemas offline with `kubernetes-validate`.
 /// Returns false (after saying so) when the tool is missing outside CI.
 fn validate_offline(file: &Path) -> bool {
-    let probe = Command::new("kubernetes-validate").arg("--version").output();
-    if probe.as_ref().map(|o| !o.status.success()).unwrap_or(true) {
+    let Some(mut cmd) = validator() else {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
             "kubernetes-validate is required in CI: pip install kubernetes-validate"
@@ -110,8 +132,8 @@ fn validate_offline(file: &Path) -> bool {
             file.display()
         );
         return false;
-    }
-    let out = Command::new("kubernetes-validate")
+    };
+    let out = cmd
         .arg("--strict")
         .arg("--no-warn")
         .arg(file)
@@ -129,7 +151,10 @@ fn validate_offline(file: &Path) -> bool {
 
 /// The workspace root (tests/ is one level down).
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,8 +164,17 @@ async fn generated_manifest_validates_offline_and_an_agent_started_from_it_conne
     let state = proxy.state_dir.display().to_string();
     let admin = format!("127.0.0.1:{}", proxy.admin_port);
     let out = tether_proxy(&[
-        "manifest", "--state-dir", &state, "--admin-addr", &admin, "--cluster", "member-a",
-        "--replicas", "2", "--labels", "env=test,team=ops",
+        "manifest",
+        "--state-dir",
+        &state,
+        "--admin-addr",
+        &admin,
+        "--cluster",
+        "member-a",
+        "--replicas",
+        "2",
+        "--labels",
+        "env=test,team=ops",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let manifest = text(&out.stdout);
@@ -150,7 +184,14 @@ async fn generated_manifest_validates_offline_and_an_agent_started_from_it_conne
 
     let docs = yaml_documents(&manifest);
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
-    for k in ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Secret", "Deployment"] {
+    for k in [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Secret",
+        "Deployment",
+    ] {
         assert!(kinds.contains(&k), "{k} missing: {kinds:?}");
     }
     // Least privilege: impersonate, and the kube-system namespace by name; nothing else.
@@ -165,20 +206,32 @@ async fn generated_manifest_validates_offline_and_an_agent_started_from_it_conne
             {"apiGroups": [""], "resources": ["namespaces"], "resourceNames": ["kube-system"], "verbs": ["get"]},
         ])
     );
-    assert!(manifest.contains("--identity agent"), "the agent-identity option is documented");
+    assert!(
+        manifest.contains("--identity agent"),
+        "the agent-identity option is documented"
+    );
 
     // The Secret holds the proxy's CA and a token; the Deployment dials the publish address.
     let secret = find_kind(&docs, "Secret")[0];
     let b64 = |k: &str| {
-        let raw = secret["data"][k].as_str().unwrap_or_else(|| panic!("secret has {k}"));
-        text(&base64::engine::general_purpose::STANDARD.decode(raw).unwrap())
+        let raw = secret["data"][k]
+            .as_str()
+            .unwrap_or_else(|| panic!("secret has {k}"));
+        text(
+            &base64::engine::general_purpose::STANDARD
+                .decode(raw)
+                .unwrap(),
+        )
     };
     assert_eq!(b64("ca.crt"), proxy.ca_pem());
     let token = b64("token");
     let dep = find_kind(&docs, "Deployment")[0];
     let pod = &dep["spec"]["template"]["spec"];
     assert_eq!(dep["spec"]["replicas"], 2);
-    assert!(!pod["affinity"]["podAntiAffinity"].is_null(), "anti-affinity with 2 replicas");
+    assert!(
+        !pod["affinity"]["podAntiAffinity"].is_null(),
+        "anti-affinity with 2 replicas"
+    );
     assert_eq!(pod["terminationGracePeriodSeconds"], 30);
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     let c = &pod["containers"][0];
@@ -210,19 +263,44 @@ async fn generated_manifest_validates_offline_and_an_agent_started_from_it_conne
     cmd.arg("--upstream").arg(fixture.url());
     cmd.args(upstream_credentials(proxy.dir.path(), &fixture));
     let agent = Process::spawn(&mut cmd, proxy.dir.path().join("manifest-agent.log"));
-    assert!(proxy.wait_agents("member-a", 1, WAIT).await, "{}", agent.log());
+    assert!(
+        proxy.wait_agents("member-a", 1, WAIT).await,
+        "{}",
+        agent.log()
+    );
     let (code, stdout, stderr) = check(&proxy, &["--cluster", "member-a"]);
     assert_eq!(code, 0, "{stdout}{stderr}");
 
     // Without a publish address to ask for, the command says what to do.
     let nowhere = format!("127.0.0.1:{}", free_port());
-    let out = tether_proxy(&["manifest", "--state-dir", &state, "--admin-addr", &nowhere, "--cluster", "b"]);
+    let out = tether_proxy(&[
+        "manifest",
+        "--state-dir",
+        &state,
+        "--admin-addr",
+        &nowhere,
+        "--cluster",
+        "b",
+    ]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("--publish-address"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--publish-address"),
+        "{}",
+        text(&out.stderr)
+    );
     // An explicit address needs no proxy.
     let out = tether_proxy(&[
-        "manifest", "--state-dir", &state, "--admin-addr", &nowhere, "--cluster", "b",
-        "--publish-address", "tls://proxy.example.com:443", "--transport", "auto",
+        "manifest",
+        "--state-dir",
+        &state,
+        "--admin-addr",
+        &nowhere,
+        "--cluster",
+        "b",
+        "--publish-address",
+        "tls://proxy.example.com:443",
+        "--transport",
+        "auto",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("--proxy=auto://proxy.example.com:443"));
@@ -235,14 +313,33 @@ async fn check_passes_then_names_each_failing_step() {
 
     let (code, out, err) = check(p, &["--cluster", "local"]);
     assert_eq!(code, 0, "{out}{err}");
-    for step in ["agent connected", "API server reachable", "API server /version", "list namespaces"] {
-        assert!(out.lines().any(|l| l.starts_with("[ok]") && l.contains(step)), "{step}:\n{out}");
+    for step in [
+        "agent connected",
+        "API server reachable",
+        "API server /version",
+        "list namespaces",
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("[ok]") && l.contains(step)),
+            "{step}:\n{out}"
+        );
     }
     assert!(out.contains("v1.31.0"), "{out}");
-    assert!(out.contains("transport tls+yamux"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "transport {}",
+            Transport::default().session_name()
+        )),
+        "{out}"
+    );
     // The check acted as tether:check, impersonated by the agent.
     let reqs = env.fixture.requests();
-    let version = reqs.iter().rev().find(|r| r.path_only() == "/version").expect("/version reached the fixture");
+    let version = reqs
+        .iter()
+        .rev()
+        .find(|r| r.path_only() == "/version")
+        .expect("/version reached the fixture");
     assert_eq!(version.header("impersonate-user"), Some("tether:check"));
 
     // The JSON report.
@@ -256,8 +353,14 @@ async fn check_passes_then_names_each_failing_step() {
     env.fixture.set_forbid_namespace_list(true);
     let (code, out, _) = check(p, &["--cluster", "local"]);
     assert_eq!(code, 1, "{out}");
-    let fail = out.lines().find(|l| l.starts_with("[FAIL]")).unwrap_or_else(|| panic!("{out}"));
-    assert!(fail.contains("list namespaces") && fail.contains("403"), "{out}");
+    let fail = out
+        .lines()
+        .find(|l| l.starts_with("[FAIL]"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        fail.contains("list namespaces") && fail.contains("403"),
+        "{out}"
+    );
     assert!(out.contains("--skip-namespace-check"), "{out}");
     let (code, out, _) = check(p, &["--cluster", "local", "--skip-namespace-check"]);
     assert_eq!(code, 0, "{out}");
@@ -271,13 +374,23 @@ async fn check_passes_then_names_each_failing_step() {
     // A cluster that never connected.
     let (code, out, _) = check(p, &["--cluster", "nosuch"]);
     assert_eq!(code, 1);
-    assert!(out.contains("[FAIL] agent connected") && out.contains("not known"), "{out}");
+    assert!(
+        out.contains("[FAIL] agent connected") && out.contains("not known"),
+        "{out}"
+    );
     assert!(out.contains("[--]"), "later steps are not run: {out}");
 
     // The upstream goes away: the agent is connected, its API server is not reachable.
-    let Env { fixture, proxy, agent } = &mut env;
+    let Env {
+        fixture,
+        proxy,
+        agent,
+    } = &mut env;
     let fixture_addr = fixture.addr();
-    drop(std::mem::replace(fixture, Fixture::start(FixtureOptions::default()).await.unwrap()));
+    drop(std::mem::replace(
+        fixture,
+        Fixture::start(FixtureOptions::default()).await.unwrap(),
+    ));
     // The replacement listens elsewhere; wait until the old port refuses connections.
     let start = Instant::now();
     while std::net::TcpStream::connect(fixture_addr).is_ok() && start.elapsed() < WAIT {
@@ -286,16 +399,28 @@ async fn check_passes_then_names_each_failing_step() {
     let (code, out, _) = check(proxy, &["--cluster", "local"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("[ok]   agent connected"), "{out}");
-    let fail = out.lines().find(|l| l.starts_with("[FAIL]")).unwrap_or_else(|| panic!("{out}"));
-    assert!(fail.contains("API server reachable") && fail.contains("could not connect"), "{out}");
+    let fail = out
+        .lines()
+        .find(|l| l.starts_with("[FAIL]"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        fail.contains("API server reachable") && fail.contains("could not connect"),
+        "{out}"
+    );
 
     // The agent goes away.
     agent.take().unwrap().process.kill();
     assert!(proxy.wait_agents("local", 0, WAIT).await);
     let (code, out, _) = check(proxy, &["--cluster", "local"]);
     assert_eq!(code, 1, "{out}");
-    let fail = out.lines().find(|l| l.starts_with("[FAIL]")).unwrap_or_else(|| panic!("{out}"));
-    assert!(fail.contains("agent connected") && fail.contains("disconnected since"), "{out}");
+    let fail = out
+        .lines()
+        .find(|l| l.starts_with("[FAIL]"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        fail.contains("agent connected") && fail.contains("disconnected since"),
+        "{out}"
+    );
     assert!(out.contains("logs deploy/tether-agent"), "{out}");
 }
 
@@ -317,7 +442,11 @@ async fn publish_address_auto_waits_for_the_load_balancer_then_publishes_it() {
     let fixture = Fixture::start(FixtureOptions::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (agent_port, front_port, admin_port) = (free_port(), free_port(), free_port());
-    fixture.set_service("tether-system", "tether-proxy-agent", Some(lb_service(agent_port, json!({}))));
+    fixture.set_service(
+        "tether-system",
+        "tether-proxy-agent",
+        Some(lb_service(agent_port, json!({}))),
+    );
     let ca = dir.path().join("host-ca.crt");
     let token = dir.path().join("host.token");
     std::fs::write(&ca, fixture.ca_pem()).unwrap();
@@ -325,16 +454,26 @@ async fn publish_address_auto_waits_for_the_load_balancer_then_publishes_it() {
     let state = dir.path().join("state");
     let mut cmd = Command::new(bin("tether-proxy"));
     cmd.arg("serve")
-        .arg("--state-dir").arg(&state)
-        .arg("--agent-addr").arg(format!("127.0.0.1:{agent_port}"))
-        .arg("--front-addr").arg(format!("127.0.0.1:{front_port}"))
-        .arg("--admin-addr").arg(format!("127.0.0.1:{admin_port}"))
-        .arg("--transports").arg("tls")
-        .arg("--publish-address").arg("auto")
-        .arg("--host-api-server").arg(fixture.url())
-        .arg("--host-api-ca-file").arg(&ca)
-        .arg("--host-api-token-file").arg(&token)
-        .arg("--publish-poll-interval").arg("200ms")
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--agent-addr")
+        .arg(format!("127.0.0.1:{agent_port}"))
+        .arg("--front-addr")
+        .arg(format!("127.0.0.1:{front_port}"))
+        .arg("--admin-addr")
+        .arg(format!("127.0.0.1:{admin_port}"))
+        .arg("--transports")
+        .arg("tls")
+        .arg("--publish-address")
+        .arg("auto")
+        .arg("--host-api-server")
+        .arg(fixture.url())
+        .arg("--host-api-ca-file")
+        .arg(&ca)
+        .arg("--host-api-token-file")
+        .arg(&token)
+        .arg("--publish-poll-interval")
+        .arg("200ms")
         .env("POD_NAMESPACE", "tether-system");
     let mut proxy = Process::spawn(&mut cmd, dir.path().join("proxy.log"));
 
@@ -347,12 +486,23 @@ async fn publish_address_auto_waits_for_the_load_balancer_then_publishes_it() {
             }
         }
         assert!(!proxy.has_exited(), "proxy exited:\n{}", proxy.log());
-        assert!(start.elapsed() < WAIT, "no waiting /readyz:\n{}", proxy.log());
+        assert!(
+            start.elapsed() < WAIT,
+            "no waiting /readyz:\n{}",
+            proxy.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(readyz.contains("NodePort 31443"), "{readyz}");
-    assert!(readyz.contains("tether-system/tether-proxy-agent"), "{readyz}");
-    assert!(proxy.wait_for_log("no publish address yet", WAIT).await, "{}", proxy.log());
+    assert!(
+        readyz.contains("tether-system/tether-proxy-agent"),
+        "{readyz}"
+    );
+    assert!(
+        proxy.wait_for_log("no publish address yet", WAIT).await,
+        "{}",
+        proxy.log()
+    );
     assert!(proxy.log().contains("31443"), "{}", proxy.log());
     let (_, publish) = http_get(admin_port, "/api/v1/publish-address").unwrap();
     let publish: Value = serde_json::from_str(&publish).unwrap();
@@ -363,56 +513,109 @@ async fn publish_address_auto_waits_for_the_load_balancer_then_publishes_it() {
         .into_iter()
         .find(|r| r.path_only() == "/api/v1/namespaces/tether-system/services/tether-proxy-agent")
         .expect("the proxy read its Service");
-    assert_eq!(read.header("authorization"), Some("Bearer proxy-service-account-token"));
+    assert_eq!(
+        read.header("authorization"),
+        Some("Bearer proxy-service-account-token")
+    );
 
     // A manifest now is an error that says what to do.
     let admin = format!("127.0.0.1:{admin_port}");
     let state_s = state.display().to_string();
-    let out = tether_proxy(&["manifest", "--state-dir", &state_s, "--admin-addr", &admin, "--cluster", "edge"]);
+    let out = tether_proxy(&[
+        "manifest",
+        "--state-dir",
+        &state_s,
+        "--admin-addr",
+        &admin,
+        "--cluster",
+        "edge",
+    ]);
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains("does not know its publish address yet") && err.contains("--publish-address"), "{err}");
+    assert!(
+        err.contains("does not know its publish address yet") && err.contains("--publish-address"),
+        "{err}"
+    );
 
     // The LoadBalancer gets an address: published, ready, and the certificate covers it.
     fixture.set_service(
         "tether-system",
         "tether-proxy-agent",
-        Some(lb_service(agent_port, json!({"ingress": [{"hostname": "lb.tether.test"}]}))),
+        Some(lb_service(
+            agent_port,
+            json!({"ingress": [{"hostname": "lb.tether.test"}]}),
+        )),
     );
     let start = Instant::now();
     while http_get(admin_port, "/readyz").map(|r| r.0).unwrap_or(0) != 200 {
-        assert!(start.elapsed() < WAIT, "not ready after the ingress came:\n{}", proxy.log());
+        assert!(
+            start.elapsed() < WAIT,
+            "not ready after the ingress came:\n{}",
+            proxy.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (_, publish) = http_get(admin_port, "/api/v1/publish-address").unwrap();
     let publish: Value = serde_json::from_str(&publish).unwrap();
     let expected = format!("tls://lb.tether.test:{agent_port}");
     assert_eq!(publish["publishAddress"], expected.as_str());
-    assert!(proxy.log().contains("publish address resolved"), "{}", proxy.log());
-    let out = tether_proxy(&["manifest", "--state-dir", &state_s, "--admin-addr", &admin, "--cluster", "edge"]);
+    assert!(
+        proxy.log().contains("publish address resolved"),
+        "{}",
+        proxy.log()
+    );
+    let out = tether_proxy(&[
+        "manifest",
+        "--state-dir",
+        &state_s,
+        "--admin-addr",
+        &admin,
+        "--cluster",
+        "edge",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains(&format!("--proxy={expected}")));
 
     // An agent that verifies the proxy as lb.tether.test (dialing loopback) connects.
     let token_file = dir.path().join("edge.token");
-    let key = tether_proxy(&["token", "agent", "--state-dir", &state_s, "--cluster", "edge"]);
+    let key = tether_proxy(&[
+        "token",
+        "agent",
+        "--state-dir",
+        &state_s,
+        "--cluster",
+        "edge",
+    ]);
     std::fs::write(&token_file, text(&key.stdout).trim()).unwrap();
     let mut cmd = Command::new(bin("tether-agent"));
-    cmd.arg("--proxy").arg(format!("tls://127.0.0.1:{agent_port}"))
-        .arg("--server-name").arg("lb.tether.test")
-        .arg("--cluster").arg("edge")
-        .arg("--token-file").arg(&token_file)
-        .arg("--ca-file").arg(state.join("ca.crt"))
-        .arg("--upstream").arg(fixture.url());
+    cmd.arg("--proxy")
+        .arg(format!("tls://127.0.0.1:{agent_port}"))
+        .arg("--server-name")
+        .arg("lb.tether.test")
+        .arg("--cluster")
+        .arg("edge")
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--ca-file")
+        .arg(state.join("ca.crt"))
+        .arg("--upstream")
+        .arg(fixture.url());
     let agent = Process::spawn(&mut cmd, dir.path().join("agent.log"));
     let start = Instant::now();
     loop {
         let (_, body) = http_get(admin_port, "/api/v1/clusters").unwrap();
         let list: Vec<Value> = serde_json::from_str(&body).unwrap();
-        if list.iter().any(|c| c["name"] == "edge" && c["connected"] == true) {
+        if list
+            .iter()
+            .any(|c| c["name"] == "edge" && c["connected"] == true)
+        {
             break;
         }
-        assert!(start.elapsed() < WAIT, "agent did not connect:\n{}", agent.log());
+        assert!(
+            start.elapsed() < WAIT,
+            "agent did not connect:\n{}",
+            agent.log()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     proxy.signal("TERM");
@@ -422,19 +625,26 @@ async fn publish_address_auto_waits_for_the_load_balancer_then_publishes_it() {
 /// A client token for the front, and one HTTP/1.1 GET through it.
 async fn front_get(proxy: &Proxy, token: &str, path: &str) -> (u16, Bytes) {
     let config = tether_proto::tls::client_config(&proxy.ca_pem(), &[b"http/1.1"], None).unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.front_port)).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.front_port))
+        .await
+        .unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect("localhost".try_into().unwrap(), tcp)
         .await
         .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let req = http::Request::get(path)
         .header("host", "localhost")
         .header("authorization", format!("Bearer {token}"))
         .body(Empty::<Bytes>::new())
         .unwrap();
-    let resp = tokio::time::timeout(WAIT, sender.send_request(req)).await.unwrap().unwrap();
+    let resp = tokio::time::timeout(WAIT, sender.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
     let code = resp.status().as_u16();
     (code, resp.into_body().collect().await.unwrap().to_bytes())
 }
@@ -453,13 +663,19 @@ struct Sample {
 fn parse_prometheus(body: &str) -> Vec<Sample> {
     fn valid_name(n: &str) -> bool {
         let mut chars = n.chars();
-        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
             && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
     }
     let mut types: BTreeMap<String, String> = BTreeMap::new();
     let mut samples = Vec::new();
     let lines: Vec<&str> = body.lines().collect();
-    assert_eq!(lines.last().copied(), Some("# EOF"), "OpenMetrics ends with # EOF");
+    assert_eq!(
+        lines.last().copied(),
+        Some("# EOF"),
+        "OpenMetrics ends with # EOF"
+    );
     for line in &lines {
         if let Some(rest) = line.strip_prefix("# ") {
             let mut parts = rest.splitn(3, ' ');
@@ -468,7 +684,17 @@ fn parse_prometheus(body: &str) -> Vec<Sample> {
                 "TYPE" => {
                     let t = parts.next().expect("TYPE has a type");
                     assert!(
-                        ["counter", "gauge", "histogram", "summary", "info", "stateset", "unknown", "gaugehistogram"].contains(&t),
+                        [
+                            "counter",
+                            "gauge",
+                            "histogram",
+                            "summary",
+                            "info",
+                            "stateset",
+                            "unknown",
+                            "gaugehistogram"
+                        ]
+                        .contains(&t),
                         "bad type: {line}"
                     );
                     assert!(valid_name(name), "bad family name: {line}");
@@ -506,7 +732,11 @@ fn parse_prometheus(body: &str) -> Vec<Sample> {
                     break;
                 }
                 assert!(valid_name(&key), "bad label name {key:?}: {line}");
-                assert_eq!(chars.next().map(|c| c.1), Some('"'), "label value quoted: {line}");
+                assert_eq!(
+                    chars.next().map(|c| c.1),
+                    Some('"'),
+                    "label value quoted: {line}"
+                );
                 let mut value = String::new();
                 while let Some((_, c)) = chars.next() {
                     match c {
@@ -530,11 +760,16 @@ fn parse_prometheus(body: &str) -> Vec<Sample> {
         } else {
             rest
         };
-        let value_text = rest.split_whitespace().next().unwrap_or_else(|| panic!("no value: {line}"));
+        let value_text = rest
+            .split_whitespace()
+            .next()
+            .unwrap_or_else(|| panic!("no value: {line}"));
         let value: f64 = match value_text {
             "+Inf" => f64::INFINITY,
             "-Inf" => f64::NEG_INFINITY,
-            v => v.parse().unwrap_or_else(|_| panic!("bad value {v:?}: {line}")),
+            v => v
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value {v:?}: {line}")),
         };
         let family = ["_total", "_bucket", "_count", "_sum", "_created", "_info"]
             .iter()
@@ -555,7 +790,11 @@ fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
     samples
         .iter()
         .filter(|s| s.name == name)
-        .find(|s| labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
+        .find(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
         .map(|s| s.value)
         .unwrap_or(0.0)
 }
@@ -572,12 +811,48 @@ async fn metrics_parse_and_reflect_a_connect_a_stream_and_a_disconnect() {
 
     // Connect.
     let m = parse_prometheus(&proxy.metrics());
-    assert_eq!(metric(&m, "tether_agents_connected", &[("cluster", "local"), ("transport", "tls+yamux")]), 1.0);
-    assert_eq!(metric(&m, "tether_session_transitions_total", &[("cluster", "local"), ("state", "up")]), 1.0);
-    let horizon = metric(&m, "tether_agent_token_expiry_seconds", &[("cluster", "local")]);
-    assert!((3000.0..=3600.0).contains(&horizon), "token expiry horizon {horizon}");
-    assert!(metric(&m, "tether_certificate_expiry_seconds", &[("certificate", "ca")]) > 86_400.0 * 365.0);
-    assert!(metric(&m, "tether_certificate_expiry_seconds", &[("certificate", "server")]) > 86_400.0 * 30.0);
+    assert_eq!(
+        metric(
+            &m,
+            "tether_agents_connected",
+            &[
+                ("cluster", "local"),
+                ("transport", Transport::default().session_name())
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "tether_session_transitions_total",
+            &[("cluster", "local"), ("state", "up")]
+        ),
+        1.0
+    );
+    let horizon = metric(
+        &m,
+        "tether_agent_token_expiry_seconds",
+        &[("cluster", "local")],
+    );
+    assert!(
+        (3000.0..=3600.0).contains(&horizon),
+        "token expiry horizon {horizon}"
+    );
+    assert!(
+        metric(
+            &m,
+            "tether_certificate_expiry_seconds",
+            &[("certificate", "ca")]
+        ) > 86_400.0 * 365.0
+    );
+    assert!(
+        metric(
+            &m,
+            "tether_certificate_expiry_seconds",
+            &[("certificate", "server")]
+        ) > 86_400.0 * 30.0
+    );
 
     // A stream: a gateway request, and a CONNECT held open.
     let client = proxy.client_token("alice", "*");
@@ -585,29 +860,98 @@ async fn metrics_parse_and_reflect_a_connect_a_stream_and_a_disconnect() {
     assert_eq!(code, 200);
     let (code, _) = front_get(&proxy, &client, "/clusters/never-seen/version").await;
     assert_eq!(code, 404);
-    let mut tunnel = connect_via_front(&proxy, "local", Some(&format!("Bearer {client}"))).await.tunnel();
-    tunnel.write_all(b"\x16\x03\x01\x00\x05hello").await.unwrap();
+    let (code, _) = front_get(&proxy, "not-a-token", "/clusters/local/version").await;
+    assert_eq!(code, 401);
+    let mut tunnel = connect_via_front(&proxy, "local", Some(&format!("Bearer {client}")))
+        .await
+        .tunnel();
+    tunnel
+        .write_all(b"\x16\x03\x01\x00\x05hello")
+        .await
+        .unwrap();
     let mut buf = [0u8; 64];
     let _ = tokio::time::timeout(Duration::from_secs(5), tunnel.read(&mut buf)).await;
     let m = parse_prometheus(&proxy.metrics());
     assert!(metric(&m, "tether_stream_opens_total", &[("result", "ok")]) >= 2.0);
     assert!(metric(&m, "tether_streams_open", &[]) >= 1.0);
-    assert!(metric(&m, "tether_tunnel_bytes_total", &[("direction", "to_agent")]) > 0.0);
-    assert!(metric(&m, "tether_tunnel_bytes_total", &[("direction", "from_agent")]) > 0.0);
-    assert_eq!(metric(&m, "tether_gateway_requests_total", &[("cluster", "local"), ("code", "200")]), 1.0);
-    assert_eq!(metric(&m, "tether_gateway_requests_total", &[("cluster", "_unknown"), ("code", "404")]), 1.0);
-    assert_eq!(metric(&m, "tether_gateway_request_duration_seconds_count", &[("cluster", "local")]), 1.0);
+    assert!(
+        metric(
+            &m,
+            "tether_tunnel_bytes_total",
+            &[("direction", "to_agent")]
+        ) > 0.0
+    );
+    assert!(
+        metric(
+            &m,
+            "tether_tunnel_bytes_total",
+            &[("direction", "from_agent")]
+        ) > 0.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "tether_gateway_requests_total",
+            &[("cluster", "local"), ("code", "200")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "tether_gateway_requests_total",
+            &[("cluster", "_unknown"), ("code", "404")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "tether_gateway_requests_total",
+            &[("cluster", "local"), ("code", "401")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "tether_gateway_request_duration_seconds_count",
+            &[("cluster", "local")]
+        ),
+        2.0
+    );
+    assert!(m
+        .iter()
+        .any(|s| s.name == "tether_caller_auth_failures_total" && s.value >= 1.0));
     drop(tunnel);
 
     // Disconnect.
     agent.process.kill();
     assert!(proxy.wait_agents("local", 0, WAIT).await);
     let m = parse_prometheus(&proxy.metrics());
-    assert_eq!(metric(&m, "tether_agents_connected", &[("cluster", "local"), ("transport", "tls+yamux")]), 0.0);
-    assert_eq!(metric(&m, "tether_session_transitions_total", &[("cluster", "local"), ("state", "down")]), 1.0);
+    assert_eq!(
+        metric(
+            &m,
+            "tether_agents_connected",
+            &[
+                ("cluster", "local"),
+                ("transport", Transport::default().session_name())
+            ]
+        ),
+        0.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "tether_session_transitions_total",
+            &[("cluster", "local"), ("state", "down")]
+        ),
+        1.0
+    );
 
     // Every metric the shipped alert rules use exists.
-    let rules = std::fs::read_to_string(workspace().join("deploy/prometheus/tether-alerts.yaml")).unwrap();
+    let rules =
+        std::fs::read_to_string(workspace().join("deploy/prometheus/tether-alerts.yaml")).unwrap();
     let rules: Value = serde_yaml_ng::from_str(&rules).unwrap();
     let exprs: Vec<String> = rules["groups"]
         .as_array()
@@ -616,12 +960,22 @@ async fn metrics_parse_and_reflect_a_connect_a_stream_and_a_disconnect() {
         .flat_map(|g| g["rules"].as_array().unwrap().iter())
         .map(|r| r["expr"].as_str().unwrap().to_string())
         .collect();
-    assert!(exprs.iter().any(|e| e.contains("tether_agents_connected")), "{exprs:?}");
-    let names: Vec<&str> = m.iter().map(|s| s.name.as_str()).collect();
+    assert!(
+        exprs.iter().any(|e| e.contains("tether_agents_connected")),
+        "{exprs:?}"
+    );
+    let body = proxy.metrics();
     for e in &exprs {
         for word in e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
             if word.starts_with("tether_") {
-                assert!(names.contains(&word), "alert rule uses {word}, which /metrics does not have");
+                let family = ["_total", "_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|s| word.strip_suffix(s))
+                    .unwrap_or(word);
+                assert!(
+                    body.contains(&format!("# TYPE {family} ")),
+                    "alert rule uses {word}, which /metrics does not have"
+                );
             }
         }
     }
@@ -638,7 +992,9 @@ async fn proxy_drains_on_sigterm_then_agents_reconnect() {
     let agent = Agent::start(&proxy, "c", &echo.addr.to_string(), &[]);
     assert!(proxy.wait_agents("c", 1, WAIT).await, "{}", agent.log());
     let client = proxy.client_token("alice", "*");
-    let mut tunnel = connect_via_front(&proxy, "c", Some(&format!("Bearer {client}"))).await.tunnel();
+    let mut tunnel = connect_via_front(&proxy, "c", Some(&format!("Bearer {client}")))
+        .await
+        .tunnel();
     let mut buf = [0u8; 6];
     tunnel.write_all(b"before").await.unwrap();
     tunnel.read_exact(&mut buf).await.unwrap();
@@ -648,37 +1004,67 @@ async fn proxy_drains_on_sigterm_then_agents_reconnect() {
     proxy.process().signal("TERM");
     // Draining: not ready, no new connections, the agent was told to go away...
     let start = Instant::now();
-    while http_get(proxy.admin_port, "/readyz").map(|r| r.0).unwrap_or(503) != 503 {
+    while http_get(proxy.admin_port, "/readyz")
+        .map(|r| r.0)
+        .unwrap_or(503)
+        != 503
+    {
         assert!(start.elapsed() < WAIT);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
-        agent.process.wait_for_log("proxy asked this agent to go away", WAIT).await,
+        agent
+            .process
+            .wait_for_log("proxy asked this agent to go away", WAIT)
+            .await,
         "{}",
         agent.log()
     );
     let start = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", proxy.front_port)).is_ok() {
-        assert!(start.elapsed() < WAIT, "front still accepting while draining");
+        assert!(
+            start.elapsed() < WAIT,
+            "front still accepting while draining"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // ... and the stream in flight still works.
     tunnel.write_all(b"during").await.unwrap();
-    tokio::time::timeout(WAIT, tunnel.read_exact(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, tunnel.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&buf, b"during");
-    assert!(!proxy.process().has_exited(), "the proxy waits for the open stream");
+    assert!(
+        !proxy.process().has_exited(),
+        "the proxy waits for the open stream"
+    );
     // Once it ends, the proxy exits 0, well before the drain timeout.
     tunnel.shutdown().await.unwrap();
     drop(tunnel);
-    let status = proxy.process().wait_exit(WAIT).await.expect("proxy exits after the drain");
+    let status = proxy
+        .process()
+        .wait_exit(WAIT)
+        .await
+        .expect("proxy exits after the drain");
     assert!(status.success(), "{status:?}\n{}", proxy.log());
-    assert!(t0.elapsed() < Duration::from_secs(14), "exited at {:?}", t0.elapsed());
-    assert!(proxy.log().contains("all streams finished"), "{}", proxy.log());
+    assert!(
+        t0.elapsed() < Duration::from_secs(14),
+        "exited at {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        proxy.log().contains("all streams finished"),
+        "{}",
+        proxy.log()
+    );
 
     // The agent comes back to the proxy's successor.
     proxy.launch().await;
     assert!(proxy.wait_agents("c", 1, WAIT).await, "{}", agent.log());
-    let mut tunnel = connect_via_front(&proxy, "c", Some(&format!("Bearer {client}"))).await.tunnel();
+    let mut tunnel = connect_via_front(&proxy, "c", Some(&format!("Bearer {client}")))
+        .await
+        .tunnel();
     tunnel.write_all(b"after!").await.unwrap();
     tunnel.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"after!");
@@ -687,9 +1073,14 @@ async fn proxy_drains_on_sigterm_then_agents_reconnect() {
 #[test]
 fn deploy_manifests_validate_offline_and_the_chart_is_consistent() {
     let deploy = workspace().join("deploy");
-    for f in ["proxy.yaml", "proxy-service-nodeport.yaml", "agent-rbac.yaml"] {
+    for f in [
+        "proxy.yaml",
+        "proxy-service-nodeport.yaml",
+        "agent-rbac.yaml",
+    ] {
         let path = deploy.join(f);
-        let body = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let body =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let docs = yaml_documents(&body);
         assert!(!docs.is_empty(), "{f} has documents");
         validate_offline(&path);
@@ -703,9 +1094,15 @@ fn deploy_manifests_validate_offline_and_the_chart_is_consistent() {
     assert!(!c["resources"]["limits"]["memory"].is_null());
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
     assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
-    assert_eq!(dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"],
+        true
+    );
     let services = find_kind(&proxy, "Service");
-    assert!(services.iter().any(|s| s["spec"]["type"] == "LoadBalancer" && s["metadata"]["name"] == "tether-proxy-agent"));
+    assert!(services
+        .iter()
+        .any(|s| s["spec"]["type"] == "LoadBalancer"
+            && s["metadata"]["name"] == "tether-proxy-agent"));
     assert!(services.iter().any(|s| s["spec"]["type"] == "ClusterIP"));
     // The agent's RBAC in deploy/: impersonate, and kube-system by name.
     let rbac = yaml_documents(&std::fs::read_to_string(deploy.join("agent-rbac.yaml")).unwrap());
@@ -715,8 +1112,12 @@ fn deploy_manifests_validate_offline_and_the_chart_is_consistent() {
 
     // The Helm chart: every .Values path a template uses is in values.yaml.
     let chart = deploy.join("helm/tether");
-    let values: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(chart.join("values.yaml")).unwrap()).unwrap();
-    let chart_meta: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(chart.join("Chart.yaml")).unwrap()).unwrap();
+    let values: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(chart.join("values.yaml")).unwrap())
+            .unwrap();
+    let chart_meta: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(chart.join("Chart.yaml")).unwrap())
+            .unwrap();
     assert_eq!(chart_meta["apiVersion"], "v2");
     let mut used = 0;
     for entry in std::fs::read_dir(chart.join("templates")).unwrap() {
@@ -731,7 +1132,11 @@ fn deploy_manifests_validate_offline_and_the_chart_is_consistent() {
             let mut v = &values;
             for part in path_str.trim_end_matches('.').split('.') {
                 v = &v[part];
-                assert!(!v.is_null(), "{} uses .Values.{path_str}, missing from values.yaml", path.display());
+                assert!(
+                    !v.is_null(),
+                    "{} uses .Values.{path_str}, missing from values.yaml",
+                    path.display()
+                );
             }
             used += 1;
         }

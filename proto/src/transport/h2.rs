@@ -26,7 +26,10 @@ use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::debug;
 
-use super::{session_parts, DriverParts, OpenRequest, Role, Session, SessionConfig, SessionError, SessionInfo};
+use super::{
+    session_parts, DriverParts, OpenRequest, Role, Session, SessionConfig, SessionError,
+    SessionInfo,
+};
 
 /// Per-stream receive window: bulk on fast links without letting one stream hog memory.
 const STREAM_WINDOW: u32 = 1024 * 1024;
@@ -45,7 +48,8 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
     let (session, parts) = session_parts(info, cfg);
-    let max_streams = u32::try_from(cfg.max_streams).unwrap_or(u32::MAX - STREAM_HEADROOM) + STREAM_HEADROOM;
+    let max_streams =
+        u32::try_from(cfg.max_streams).unwrap_or(u32::MAX - STREAM_HEADROOM) + STREAM_HEADROOM;
     match role {
         Role::Proxy => tokio::spawn(drive_client(io, parts, max_streams)),
         Role::Agent => tokio::spawn(drive_server(io, parts, max_streams)),
@@ -117,9 +121,15 @@ where
 
 /// Opens one stream as a request whose body stays open.
 async fn open(sender: &mut h2::client::SendRequest<Bytes>) -> Result<H2Stream, SessionError> {
-    let ready = sender.clone().ready().await.map_err(|e| SessionError::Mux(e.to_string()))?;
+    let ready = sender
+        .clone()
+        .ready()
+        .await
+        .map_err(|e| SessionError::Mux(e.to_string()))?;
     *sender = ready;
-    let request = http::Request::post("https://tether/").body(()).expect("static request");
+    let request = http::Request::post("https://tether/")
+        .body(())
+        .expect("static request");
     let (response, send) = sender
         .send_request(request, false)
         .map_err(|e| SessionError::Mux(e.to_string()))?;
@@ -208,7 +218,11 @@ where
         let _ = req.send(Err(SessionError::Closed));
     }
     // Let a GOAWAY go out, but never wait long for a peer that is gone.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), std::future::poll_fn(|cx| conn.poll_closed(cx))).await;
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        std::future::poll_fn(|cx| conn.poll_closed(cx)),
+    )
+    .await;
 }
 
 /// The receiving half of a stream: the proxy waits for the agent's response headers first.
@@ -240,16 +254,24 @@ impl H2Stream {
 
 fn to_io(e: h2::Error) -> io::Error {
     if e.is_io() {
-        return e.into_io().unwrap_or_else(|| io::ErrorKind::BrokenPipe.into());
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::ErrorKind::BrokenPipe.into());
     }
     match e.reason() {
-        Some(Reason::CANCEL) | Some(Reason::NO_ERROR) => io::Error::new(io::ErrorKind::ConnectionReset, e),
+        Some(Reason::CANCEL) | Some(Reason::NO_ERROR) => {
+            io::Error::new(io::ErrorKind::ConnectionReset, e)
+        }
         _ => io::Error::other(e),
     }
 }
 
 impl AsyncRead for H2Stream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
             if !this.pending.is_empty() {
@@ -266,7 +288,10 @@ impl AsyncRead for H2Stream {
                 Recv::Waiting(response) => {
                     let resp = ready!(Pin::new(response).poll(cx)).map_err(to_io)?;
                     if resp.status() != http::StatusCode::OK {
-                        return Poll::Ready(Err(io::Error::other(format!("stream refused: {}", resp.status()))));
+                        return Poll::Ready(Err(io::Error::other(format!(
+                            "stream refused: {}",
+                            resp.status()
+                        ))));
                     }
                     this.recv = Recv::Ready(resp.into_body());
                 }
@@ -285,7 +310,11 @@ impl AsyncRead for H2Stream {
 }
 
 impl AsyncWrite for H2Stream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }

@@ -53,7 +53,9 @@ pub struct SessionConfig {
 
 impl Default for SessionConfig {
     fn default() -> Self {
-        SessionConfig { max_streams: 16_384 }
+        SessionConfig {
+            max_streams: 16_384,
+        }
     }
 }
 
@@ -120,16 +122,16 @@ impl SessionHandle {
         if self.is_closed() {
             return Err(SessionError::Closed);
         }
-        let permit = self
-            .shared
-            .limit
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| SessionError::StreamLimit {
+        let permit = self.shared.limit.clone().try_acquire_owned().map_err(|_| {
+            SessionError::StreamLimit {
                 limit: self.shared.max_streams,
-            })?;
+            }
+        })?;
         let (tx, rx) = oneshot::channel();
-        self.opener.send(tx).await.map_err(|_| SessionError::Closed)?;
+        self.opener
+            .send(tx)
+            .await
+            .map_err(|_| SessionError::Closed)?;
         let inner = rx.await.map_err(|_| SessionError::Closed)??;
         Ok(MuxStream {
             inner,

@@ -31,7 +31,11 @@ impl Carrier {
 }
 
 /// As [`pair`], with different limits on each side.
-async fn pair_with(carrier: Carrier, agent_cfg: SessionConfig, proxy_cfg: SessionConfig) -> (Session, Session) {
+async fn pair_with(
+    carrier: Carrier,
+    agent_cfg: SessionConfig,
+    proxy_cfg: SessionConfig,
+) -> (Session, Session) {
     match carrier {
         Carrier::Tls(mux) => tls_pair(mux, agent_cfg, proxy_cfg).await,
         Carrier::Quic => super::quic::tests::pair_with(agent_cfg, proxy_cfg).await,
@@ -39,7 +43,11 @@ async fn pair_with(carrier: Carrier, agent_cfg: SessionConfig, proxy_cfg: Sessio
 }
 
 /// A session pair over TLS with multiplexer `mux`.
-async fn tls_pair(mux: Mux, agent_cfg: SessionConfig, proxy_cfg: SessionConfig) -> (Session, Session) {
+async fn tls_pair(
+    mux: Mux,
+    agent_cfg: SessionConfig,
+    proxy_cfg: SessionConfig,
+) -> (Session, Session) {
     let ca = CertificateAuthority::generate("test").unwrap();
     let leaf = ca
         .issue_server(&["localhost".into()], Duration::from_secs(3600))
@@ -313,4 +321,12 @@ macro_rules! per_carrier {
     };
 }
 
-per_carrier!(dropping_every_handle_ends_the_session, streams_both_ways_with_half_close, stream_limit_refuses_one_stream_not_the_session, peer_beyond_our_limit_gets_its_stream_closed_only, close_ends_streams_and_incoming, slow_reader_does_not_stall_other_streams, simultaneous_bidirectional_bulk_on_several_streams);
+per_carrier!(
+    dropping_every_handle_ends_the_session,
+    streams_both_ways_with_half_close,
+    stream_limit_refuses_one_stream_not_the_session,
+    peer_beyond_our_limit_gets_its_stream_closed_only,
+    close_ends_streams_and_incoming,
+    slow_reader_does_not_stall_other_streams,
+    simultaneous_bidirectional_bulk_on_several_streams
+);

@@ -24,7 +24,10 @@ fn configs(alpn: &[&[u8]]) -> (rustls::ServerConfig, rustls::ClientConfig) {
 
 /// A connected agent-side and proxy-side session pair over QUIC on loopback, with each side's
 /// limits.
-pub(in crate::transport) async fn pair_with(agent_cfg: SessionConfig, proxy_cfg: SessionConfig) -> (Session, Session) {
+pub(in crate::transport) async fn pair_with(
+    agent_cfg: SessionConfig,
+    proxy_cfg: SessionConfig,
+) -> (Session, Session) {
     let (sc, cc) = configs(&[crate::ALPN]);
     let quic = QuicConfig::for_heartbeat(Duration::from_secs(5));
     let listener = QuicListener::bind("127.0.0.1:0", Arc::new(sc), &proxy_cfg, &quic)
