@@ -105,23 +105,18 @@ async fn handle(mut stream: MuxStream, ctx: Arc<StreamContext>) {
         Ok(Ok(o)) => o,
         Ok(Err(e)) => {
             debug!(error = %e, "stream without a valid StreamOpen");
-            let _ = write_message(
-                &mut stream,
-                &StreamReply::reject(StreamRejectCode::ProtocolError, e.to_string()),
-            )
-            .await;
-            return;
+            return refuse(stream, StreamRejectCode::ProtocolError, e.to_string()).await;
         }
         Err(_) => return,
     };
     let request_id = open.request_id.clone();
     if ctx.draining.is_cancelled() {
-        let _ = write_message(
-            &mut stream,
-            &StreamReply::reject(StreamRejectCode::Draining, "agent is shutting down"),
+        return refuse(
+            stream,
+            StreamRejectCode::Draining,
+            "agent is shutting down".into(),
         )
         .await;
-        return;
     }
     let addr = match ctx.route(&open) {
         Ok(Route::Dial(a)) => a,
@@ -136,8 +131,7 @@ async fn handle(mut stream: MuxStream, ctx: Arc<StreamContext>) {
         }
         Err((code, reason)) => {
             info!(request_id = %request_id, target = %open.target.as_ref().map(|t| t.describe()).unwrap_or_default(), %reason, "stream refused");
-            let _ = write_message(&mut stream, &StreamReply::reject(code, reason)).await;
-            return;
+            return refuse(stream, code, reason).await;
         }
     };
     let upstream = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(&addr)).await {
@@ -156,14 +150,17 @@ async fn handle(mut stream: MuxStream, ctx: Arc<StreamContext>) {
     debug!(request_id = %request_id, %addr, ?result, "stream ended");
 }
 
-async fn unreachable(mut stream: MuxStream, request_id: &str, addr: &str, why: &str) {
+async fn unreachable(stream: MuxStream, request_id: &str, addr: &str, why: &str) {
     let reason = format!("agent could not connect to {addr}: {why}");
     info!(request_id = %request_id, %reason, "stream refused");
-    let _ = write_message(
-        &mut stream,
-        &StreamReply::reject(StreamRejectCode::Unreachable, reason),
-    )
-    .await;
+    refuse(stream, StreamRejectCode::Unreachable, reason).await;
+}
+
+/// Sends `StreamReject` and half-closes, so the reply arrives whatever the transport does
+/// with a stream dropped while open (HTTP/2 discards data in flight on a reset).
+async fn refuse(mut stream: MuxStream, code: StreamRejectCode, reason: String) {
+    let _ = write_message(&mut stream, &StreamReply::reject(code, reason)).await;
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The kube gateway end to end: stock kubectl → tether-proxy `/clusters/{name}` → tether-agent
 //! → the fixture API server. Impersonation, dropped caller credentials, watch, exec over
-//! WebSocket, raw upgrades, Status errors, client certificates, large and many responses.
+//! WebSocket, raw upgrades, Status errors, client certificates, large and many responses —
+//! each over every agent transport ([`per_transport!`]).
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tether_tests::fixture::{Fixture, FixtureOptions};
 use tether_tests::harness::*;
+use tether_tests::per_transport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -25,9 +27,14 @@ struct Env {
 }
 
 impl Env {
-    async fn start() -> Env {
+    async fn start(t: Transport) -> Env {
         let fixture = Fixture::start(FixtureOptions::default()).await.unwrap();
-        let proxy = Proxy::start(ProxyOptions::default()).await;
+        // A short heartbeat: over QUIC a killed agent is noticed only by missed heartbeats.
+        let proxy = Proxy::start(ProxyOptions {
+            args: vec!["--heartbeat-interval".into(), "1s".into()],
+            ..ProxyOptions::over(t)
+        })
+        .await;
         let agent = start_agent(&proxy, &fixture, "local", true);
         assert!(proxy.wait_agents("local", 1, WAIT).await, "{}", agent.log());
         let kubeconfig = proxy.dir.path().join("alice.kubeconfig");
@@ -167,9 +174,9 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kubectl_crud_with_impersonation_and_no_caller_credentials() {
-    let env = Env::start().await;
+per_transport!(kubectl_crud_with_impersonation_and_no_caller_credentials);
+async fn kubectl_crud_with_impersonation_and_no_caller_credentials(t: Transport) {
+    let env = Env::start(t).await;
     let (ok, out, err) = env.kubectl(&["get", "ns"]);
     assert!(ok && out.contains("default"), "{out}{err}");
     let (ok, _, err) = env.kubectl(&[
@@ -237,9 +244,9 @@ async fn kubectl_crud_with_impersonation_and_no_caller_credentials() {
     drop(env.agent);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_streams_events_as_they_happen() {
-    let env = Env::start().await;
+per_transport!(watch_streams_events_as_they_happen);
+async fn watch_streams_events_as_they_happen(t: Transport) {
+    let env = Env::start(t).await;
     let mut child = tokio::process::Command::new("kubectl")
         .arg("--kubeconfig")
         .arg(&env.kubeconfig)
@@ -298,9 +305,9 @@ async fn watch_streams_events_as_they_happen() {
     let _ = child.kill().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exec_over_websocket_and_raw_upgrades_pass_through() {
-    let env = Env::start().await;
+per_transport!(exec_over_websocket_and_raw_upgrades_pass_through);
+async fn exec_over_websocket_and_raw_upgrades_pass_through(t: Transport) {
+    let env = Env::start(t).await;
     let (ok, out, err) = kubectl(
         &env.kubeconfig,
         &["exec", "-i", "p", "--", "cat"],
@@ -358,9 +365,9 @@ async fn exec_over_websocket_and_raw_upgrades_pass_through() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failures_are_status_objects_kubectl_can_print() {
-    let mut env = Env::start().await;
+per_transport!(failures_are_status_objects_kubectl_can_print);
+async fn failures_are_status_objects_kubectl_can_print(t: Transport) {
+    let mut env = Env::start(t).await;
     let dir = env.proxy.dir.path().to_path_buf();
 
     // 401: a bad token.
@@ -527,9 +534,9 @@ async fn failures_are_status_objects_kubectl_can_print() {
     assert!(ok, "back after the agent returns: {err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_certificate_identity() {
-    let env = Env::start().await;
+per_transport!(client_certificate_identity);
+async fn client_certificate_identity(t: Transport) {
+    let env = Env::start(t).await;
     let out_dir = env.proxy.dir.path().join("certs");
     let out = Command::new(bin("tether-proxy"))
         .args([
@@ -573,9 +580,9 @@ async fn client_certificate_identity() {
         .all(|r| r.header_all("impersonate-group") == vec!["ops"]));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_and_many_responses_with_bounded_proxy_memory() {
-    let mut env = Env::start().await;
+per_transport!(large_and_many_responses_with_bounded_proxy_memory);
+async fn large_and_many_responses_with_bounded_proxy_memory(t: Transport) {
+    let mut env = Env::start(t).await;
     let token = env.proxy.client_token("alice", "local");
     let auth = format!("Bearer {token}");
     let pid = env.proxy.process().pid();

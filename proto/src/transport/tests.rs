@@ -297,6 +297,26 @@ async fn dropping_every_handle_ends_the_session(carrier: Carrier) {
         .expect("the peer sees the session end when the other side drops everything");
 }
 
+/// A peer that writes a last message, half-closes and drops the stream at once: the message
+/// still arrives, followed by end of stream (the agent's StreamReject does exactly this).
+async fn last_words_arrive_after_close_and_drop(carrier: Carrier) {
+    let (mut agent, proxy) = pair(carrier, SessionConfig::default()).await;
+    let mut ours = proxy.handle.open_stream().await.unwrap();
+    ours.write_all(b"open").await.unwrap();
+    let mut theirs = agent.incoming.accept().await.unwrap();
+    let mut buf = [0u8; 4];
+    theirs.read_exact(&mut buf).await.unwrap();
+    theirs.write_all(b"rejected: reason").await.unwrap();
+    theirs.shutdown().await.unwrap();
+    drop(theirs);
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), ours.read_to_end(&mut got))
+        .await
+        .expect("end of stream arrives")
+        .expect("no reset");
+    assert_eq!(got, b"rejected: reason");
+}
+
 /// Runs each test once per carrier.
 macro_rules! per_carrier {
     ($($name:ident),* $(,)?) => {
@@ -322,6 +342,7 @@ macro_rules! per_carrier {
 }
 
 per_carrier!(
+    last_words_arrive_after_close_and_drop,
     dropping_every_handle_ends_the_session,
     streams_both_ways_with_half_close,
     stream_limit_refuses_one_stream_not_the_session,
