@@ -119,8 +119,7 @@ struct ManifestArgs {
     /// Namespace of the agent in the member cluster.
     #[arg(long, default_value = tether_proxy::manifest::DEFAULT_NAMESPACE)]
     namespace: String,
-    /// How the agent dials: auto (QUIC, falling back to TLS), tls or quic [default: the
-    /// publish address's scheme].
+    /// How the agent dials: auto (QUIC, falling back to TLS), tls or quic [default: auto].
     #[arg(long, value_parser = ["auto", "tls", "quic"])]
     transport: Option<String>,
     /// Agent replicas (spread over nodes when more than one).

@@ -96,12 +96,11 @@ fn b64(s: &str) -> String {
 }
 
 impl AgentManifest {
-    /// The `--proxy` URL of the agent.
+    /// The `--proxy` URL of the agent: `auto://` (QUIC, falling back to TLS) unless
+    /// `--transport` says otherwise.
     pub fn proxy_url(&self) -> String {
         let mut addr = self.publish_address.clone();
-        if let Some(t) = &self.transport {
-            addr.scheme = t.clone();
-        }
+        addr.scheme = self.transport.clone().unwrap_or_else(|| "auto".into());
         addr.to_string()
     }
 
@@ -393,7 +392,7 @@ mod tests {
             .map(|a| a.as_str().unwrap())
             .collect();
         assert!(
-            args.contains(&"--proxy=tls://proxy.example.com:8443"),
+            args.contains(&"--proxy=auto://proxy.example.com:8443"),
             "{args:?}"
         );
         assert!(args.contains(&"--label=env=prod"), "{args:?}");

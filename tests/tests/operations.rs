@@ -244,7 +244,8 @@ async fn generated_manifest_validates_offline_and_an_agent_started_from_it_conne
         .iter()
         .map(|a| a.as_str().unwrap().to_string())
         .collect();
-    let publish = format!("--proxy=tls://127.0.0.1:{}", proxy.agent_port);
+    // Generated manifests dial auto:// (QUIC, falling back to TLS) at the publish address.
+    let publish = format!("--proxy=auto://127.0.0.1:{}", proxy.agent_port);
     assert!(args.contains(&publish), "{args:?}");
     assert!(args.contains(&"--label=team=ops".to_string()), "{args:?}");
 
@@ -574,7 +575,7 @@ async fn publish_address_auto_waits_for_the_load_balancer_then_publishes_it() {
         "edge",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains(&format!("--proxy={expected}")));
+    assert!(text(&out.stdout).contains(&format!("--proxy=auto://lb.tether.test:{agent_port}")));
 
     // An agent that verifies the proxy as lb.tether.test (dialing loopback) connects.
     let token_file = dir.path().join("edge.token");
