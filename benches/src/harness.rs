@@ -81,8 +81,11 @@ fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-/// A temporary directory removed on drop.
-pub struct TempDir(pub PathBuf);
+/// A temporary directory removed on drop, unless `keep`.
+pub struct TempDir {
+    pub path: PathBuf,
+    pub keep: bool,
+}
 
 impl TempDir {
     pub fn new() -> Result<Self> {
@@ -93,13 +96,17 @@ impl TempDir {
         let path =
             std::env::temp_dir().join(format!("tether-bench-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&path)?;
-        Ok(TempDir(path))
+        Ok(TempDir { path, keep: false })
     }
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if self.keep {
+            eprintln!("kept state dir and logs in {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
     }
 }
 
@@ -114,8 +121,8 @@ pub struct Tunnel {
     pub expose_addr: SocketAddr,
     pub ca_pem: String,
     pub client_token: String,
-    /// Held only to be removed on drop (after the children are gone).
-    _dir: TempDir,
+    /// State dir and logs; removed on drop (after the children are gone) unless kept.
+    pub dir: TempDir,
 }
 
 /// A free port on 127.0.0.1 (bound then released; the proxy binds it right after).
@@ -169,10 +176,33 @@ fn run_output(bin: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?.trim().to_string())
 }
 
+/// How the agent reaches the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// `tls://` with the agent's default multiplexer (yamux).
+    Tls,
+    /// `tls://` with `--mux h2` (HTTP/2).
+    H2,
+    /// `quic://` (QUIC over UDP).
+    Quic,
+}
+
+/// What to start.
+pub struct Options<'a> {
+    pub bin_dir: &'a Path,
+    pub upstream: SocketAddr,
+    pub transport: Transport,
+    /// Extra arguments for `tether-proxy serve` and for `tether-agent`.
+    pub proxy_args: &'a [String],
+    pub agent_args: &'a [String],
+}
+
 impl Tunnel {
     /// Starts the proxy (exposing [`CLUSTER`]) and an agent whose upstream is `upstream`, and
     /// waits until the agent is connected.
-    pub fn start(bin_dir: &Path, upstream: SocketAddr) -> Result<Tunnel> {
+    pub fn start(opts: &Options) -> Result<Tunnel> {
+        let (bin_dir, upstream) = (opts.bin_dir, opts.upstream);
         let proxy_bin = bin_dir.join("tether-proxy");
         let agent_bin = bin_dir.join("tether-agent");
         for b in [&proxy_bin, &agent_bin] {
@@ -185,7 +215,7 @@ impl Tunnel {
             }
         }
         let dir = TempDir::new()?;
-        let state = dir.0.join("state");
+        let state = dir.path.join("state");
         let state_s = state
             .to_str()
             .context("temp dir path is not UTF-8")?
@@ -199,8 +229,9 @@ impl Tunnel {
             .args(["--agent-addr", &agent_addr.to_string()])
             .args(["--front-addr", &front_addr.to_string()])
             .args(["--admin-addr", &admin_addr.to_string()])
-            .args(["--expose", &format!("{CLUSTER}={expose_addr}")]);
-        let mut proxy = spawn("tether-proxy", cmd, dir.0.join("proxy.log"))?;
+            .args(["--expose", &format!("{CLUSTER}={expose_addr}")])
+            .args(opts.proxy_args);
+        let mut proxy = spawn("tether-proxy", cmd, dir.path.join("proxy.log"))?;
 
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -241,20 +272,25 @@ impl Tunnel {
                 CLUSTER,
             ],
         )?;
-        let token_file = dir.0.join("agent.token");
+        let token_file = dir.path.join("agent.token");
         std::fs::write(&token_file, &agent_token)?;
         let ca_file = state.join("ca.crt");
         let ca_pem = std::fs::read_to_string(&ca_file).context("reading the proxy's ca.crt")?;
 
         let mut cmd = Command::new(&agent_bin);
-        cmd.args(["--proxy", &format!("tls://{agent_addr}")])
-            .args(["--cluster", CLUSTER])
+        match opts.transport {
+            Transport::Tls => cmd.args(["--proxy", &format!("tls://{agent_addr}")]),
+            Transport::H2 => cmd.args(["--proxy", &format!("tls://{agent_addr}"), "--mux", "h2"]),
+            Transport::Quic => cmd.args(["--proxy", &format!("quic://{agent_addr}")]),
+        };
+        cmd.args(["--cluster", CLUSTER])
             .arg("--token-file")
             .arg(&token_file)
             .arg("--ca-file")
             .arg(&ca_file)
-            .args(["--upstream", &upstream.to_string()]);
-        let agent = spawn("tether-agent", cmd, dir.0.join("agent.log"))?;
+            .args(["--upstream", &upstream.to_string()])
+            .args(opts.agent_args);
+        let agent = spawn("tether-agent", cmd, dir.path.join("agent.log"))?;
 
         let mut tunnel = Tunnel {
             agent,
@@ -265,7 +301,7 @@ impl Tunnel {
             expose_addr,
             ca_pem,
             client_token,
-            _dir: dir,
+            dir,
         };
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {

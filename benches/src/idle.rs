@@ -1,5 +1,10 @@
 //! Memory per idle connection: the resident memory the proxy and the agent gain while N
 //! connections sit open and idle through the tunnel.
+//!
+//! Measured twice: for the first N connections of fresh processes, and for N connections
+//! opened after those were closed (the steady state of a proxy whose connections come and go;
+//! memory handed back to the allocator is reused, and may then be touched where fresh pages
+//! were not).
 
 use std::time::Duration;
 
@@ -28,9 +33,19 @@ pub struct Idle {
     /// After closing them all again (memory the processes kept).
     pub proxy_rss_closed_kib: u64,
     pub agent_rss_closed_kib: u64,
+    /// After opening N again: close to `after` when the freed memory is reused, higher when
+    /// closed connections leave something behind.
+    pub proxy_rss_reopened_kib: u64,
+    pub agent_rss_reopened_kib: u64,
+    /// (after − before) / N: the first N connections of fresh processes.
     pub proxy_kib_per_conn: f64,
     pub agent_kib_per_conn: f64,
     pub kib_per_conn: f64,
+    /// (reopened − before) / N: N connections once earlier ones have come and gone, which is
+    /// the steady state of a long-running proxy (freed buffers are reused, and touched).
+    pub proxy_kib_per_conn_churned: f64,
+    pub agent_kib_per_conn_churned: f64,
+    pub kib_per_conn_churned: f64,
 }
 
 /// Opens `n` echo connections via `route`, each proven open end to end by its greeting.
@@ -67,6 +82,10 @@ pub async fn run(tunnel: &Tunnel, route: &Route, n: usize) -> Result<Idle> {
     drop(conns);
     tokio::time::sleep(SETTLE).await;
     let (p2, a2) = tunnel.rss_kib()?;
+    let conns = open(route, n).await?;
+    tokio::time::sleep(SETTLE).await;
+    let (p3, a3) = tunnel.rss_kib()?;
+    drop(conns);
     let per = |after: u64, before: u64| (after as f64 - before as f64) / n as f64;
     Ok(Idle {
         connections: n,
@@ -77,8 +96,13 @@ pub async fn run(tunnel: &Tunnel, route: &Route, n: usize) -> Result<Idle> {
         agent_rss_after_kib: a1,
         proxy_rss_closed_kib: p2,
         agent_rss_closed_kib: a2,
+        proxy_rss_reopened_kib: p3,
+        agent_rss_reopened_kib: a3,
         proxy_kib_per_conn: per(p1, p0),
         agent_kib_per_conn: per(a1, a0),
         kib_per_conn: per(p1 + a1, p0 + a0),
+        proxy_kib_per_conn_churned: per(p3, p0),
+        agent_kib_per_conn_churned: per(a3, a0),
+        kib_per_conn_churned: per(p3 + a3, p0 + a0),
     })
 }

@@ -97,6 +97,19 @@ struct Cli {
     /// Keep-alive connections in the HTTP run.
     #[arg(long, default_value_t = 64)]
     http_conns: usize,
+    /// How the agent reaches the proxy: tls (TLS + the default multiplexer, yamux), h2 (TLS +
+    /// HTTP/2) or quic.
+    #[arg(long, value_enum, default_value = "tls")]
+    transport: harness::Transport,
+    /// An extra argument for `tether-proxy serve` (repeatable), e.g. --proxy-arg=--foo=1.
+    #[arg(long = "proxy-arg", allow_hyphen_values = true)]
+    proxy_args: Vec<String>,
+    /// An extra argument for `tether-agent` (repeatable).
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
+    /// Keep the temporary state dir with the proxy and agent logs (set TETHER_LOG for more).
+    #[arg(long)]
+    keep_logs: bool,
     /// Idle connections in the memory run [default: 1000, quick 100].
     #[arg(long)]
     idle_conns: Option<usize>,
@@ -246,7 +259,14 @@ async fn run(cli: Cli) -> Result<bool> {
         upstream.addr,
         bin_dir.display()
     );
-    let tunnel = Tunnel::start(&bin_dir, upstream.addr)?;
+    let mut tunnel = Tunnel::start(&harness::Options {
+        bin_dir: &bin_dir,
+        upstream: upstream.addr,
+        transport: cli.transport,
+        proxy_args: &cli.proxy_args,
+        agent_args: &cli.agent_args,
+    })?;
+    tunnel.dir.keep = cli.keep_logs;
     eprintln!(
         "agent connected (agent port {}, front {}, admin {}, expose {}) after {:.1}s",
         tunnel.agent_addr,
@@ -310,8 +330,10 @@ async fn run(cli: Cli) -> Result<bool> {
     let table = report::table(&rows);
     println!("\n{table}");
     println!(
-        "profile {}, {:.0}s total, {} CPUs; direct = same upstream without tether; ratios are tunnel/direct",
+        "profile {}, transport {:?}, {:.0}s total, {} CPUs; direct = same upstream without tether; \
+         ratios are tunnel/direct",
         ctx.profile.name,
+        cli.transport,
         elapsed,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
@@ -323,6 +345,9 @@ async fn run(cli: Cli) -> Result<bool> {
             "network": "loopback 127.0.0.1",
         },
         "profile": ctx.profile,
+        "transport": cli.transport,
+        "proxyArgs": cli.proxy_args,
+        "agentArgs": cli.agent_args,
         "elapsedSecs": elapsed,
         "rows": rows,
         "details": details,
@@ -353,39 +378,74 @@ async fn case_idle(ctx: &Ctx) -> CaseResult {
     let n = ctx.profile.idle_conns;
     let r = idle::run(&ctx.tunnel, &ctx.expose, n).await?;
     eprintln!(
-        "   {n} idle: proxy {} -> {} KiB, agent {} -> {} KiB, streams reported {:?}",
+        "   {n} idle: proxy {} -> {} KiB (closed {}, reopened {}), agent {} -> {} KiB (closed {}, \
+         reopened {}), streams reported {:?}",
         r.proxy_rss_before_kib,
         r.proxy_rss_after_kib,
+        r.proxy_rss_closed_kib,
+        r.proxy_rss_reopened_kib,
         r.agent_rss_before_kib,
         r.agent_rss_after_kib,
+        r.agent_rss_closed_kib,
+        r.agent_rss_reopened_kib,
         r.open_streams_reported
     );
+    let target = Some(Target::AtMost(32.0));
+    let kib = "KiB/conn";
+    let none = Compare::None;
     let rows = vec![
         Row::new(
-            "idle conn, proxy+agent",
+            "idle conn, first open, proxy+agent",
             "expose",
-            "KiB/conn",
+            kib,
             None,
             r.kib_per_conn,
-            Compare::None,
-            Some(Target::AtMost(32.0)),
+            none,
+            target,
         ),
         Row::new(
-            "idle conn, proxy",
+            "idle conn, first open, proxy",
             "expose",
-            "KiB/conn",
+            kib,
             None,
             r.proxy_kib_per_conn,
-            Compare::None,
+            none,
             None,
         ),
         Row::new(
-            "idle conn, agent",
+            "idle conn, first open, agent",
             "expose",
-            "KiB/conn",
+            kib,
             None,
             r.agent_kib_per_conn,
-            Compare::None,
+            none,
+            None,
+        ),
+        Row::new(
+            "idle conn, after churn, proxy+agent",
+            "expose",
+            kib,
+            None,
+            r.kib_per_conn_churned,
+            none,
+            target,
+        ),
+        Row::new(
+            "idle conn, after churn, proxy",
+            "expose",
+            kib,
+            None,
+            r.proxy_kib_per_conn_churned,
+            none,
+            None,
+        ),
+        Row::new(
+            "idle conn, after churn, agent",
+            "expose",
+            kib,
+            None,
+            r.agent_kib_per_conn_churned,
+            none,
             None,
         ),
     ];

@@ -57,7 +57,6 @@ pub struct Row {
 
 /// CPU used during a run, in cores (CPU seconds / wall seconds).
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
 pub struct Usage {
     pub wall_s: f64,
     pub proxy_cores: f64,
