@@ -15,7 +15,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Size of each direction's copy buffer while it is in use.
 pub const SPLICE_BUFFER: usize = 64 * 1024;
@@ -62,10 +63,9 @@ where
 
 /// One direction of a splice: a lazily allocated buffer and where it stands.
 struct Direction<'c> {
-    buf: Option<Box<[u8]>>,
-    /// Bytes `buf[pos..cap]` are read but not yet written.
-    pos: usize,
-    cap: usize,
+    /// Read but not yet written bytes; `None` while idle. Its capacity is reserved without
+    /// being zeroed (reads go into uninitialised capacity).
+    buf: Option<BytesMut>,
     /// Written bytes not yet flushed.
     need_flush: bool,
     read_done: bool,
@@ -78,8 +78,6 @@ impl<'c> Direction<'c> {
     fn new(counter: Option<&'c AtomicU64>) -> Self {
         Direction {
             buf: None,
-            pos: 0,
-            cap: 0,
             need_flush: false,
             read_done: false,
             finished: false,
@@ -90,12 +88,7 @@ impl<'c> Direction<'c> {
 
     /// Moves bytes from `r` to `w` until `r` ends (then shuts `w` down) or something is
     /// pending. Ready once this direction is finished.
-    fn poll_copy<R, W>(
-        &mut self,
-        cx: &mut Context<'_>,
-        r: &mut R,
-        w: &mut W,
-    ) -> Poll<io::Result<()>>
+    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -104,23 +97,17 @@ impl<'c> Direction<'c> {
             return Poll::Ready(Ok(()));
         }
         loop {
+            let empty = self.buf.as_ref().is_none_or(|b| b.is_empty());
             // Refill when everything read so far has been written.
-            if self.pos == self.cap && !self.read_done {
-                let buf = self
-                    .buf
-                    .get_or_insert_with(|| vec![0u8; SPLICE_BUFFER].into_boxed_slice());
-                let mut rb = ReadBuf::new(buf);
-                match Pin::new(&mut *r).poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        if n == 0 {
-                            self.read_done = true;
-                            self.buf = None;
-                        } else {
-                            self.pos = 0;
-                            self.cap = n;
-                        }
+            if empty && !self.read_done {
+                let buf = self.buf.get_or_insert_with(|| BytesMut::with_capacity(SPLICE_BUFFER));
+                buf.clear();
+                match tokio_util::io::poll_read_buf(Pin::new(&mut *r), cx, buf) {
+                    Poll::Ready(Ok(0)) => {
+                        self.read_done = true;
+                        self.buf = None;
                     }
+                    Poll::Ready(Ok(_)) => {}
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {
                         // Idle: give the buffer back, and push out what was written.
@@ -134,17 +121,18 @@ impl<'c> Direction<'c> {
                 }
             }
             // Drain the buffer into the writer.
-            while self.pos < self.cap {
-                let buf = self.buf.as_ref().expect("buffer holds unwritten bytes");
-                let n = ready!(Pin::new(&mut *w).poll_write(cx, &buf[self.pos..self.cap]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                self.pos += n;
-                self.total += n as u64;
-                self.need_flush = true;
-                if let Some(c) = self.counter {
-                    c.fetch_add(n as u64, Ordering::Relaxed);
+            if let Some(buf) = self.buf.as_mut() {
+                while !buf.is_empty() {
+                    let n = ready!(Pin::new(&mut *w).poll_write(cx, buf))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    buf.advance(n);
+                    self.total += n as u64;
+                    self.need_flush = true;
+                    if let Some(c) = self.counter {
+                        c.fetch_add(n as u64, Ordering::Relaxed);
+                    }
                 }
             }
             if self.read_done {

@@ -28,6 +28,8 @@ const YAMUX_DEFAULT_WINDOW: usize = 256 * 1024;
 /// Largest DATA frame: each frame is one hop from the stream to the connection task, so
 /// bigger frames cost less CPU per byte (yamux's default is 16 KiB).
 const SPLIT_SEND_SIZE: usize = 64 * 1024;
+/// Connection window beyond the streams' default windows, for auto-tuned stream windows.
+const WINDOW_HEADROOM: usize = 256 * 1024 * 1024;
 /// Headroom between our stream limit and yamux's, which would kill the connection.
 const YAMUX_STREAM_HEADROOM: usize = 256;
 
@@ -40,7 +42,11 @@ fn yamux_config(cfg: &SessionConfig) -> ::yamux::Config {
     // whatever the numbers are.
     c.set_max_connection_receive_window(None);
     c.set_max_num_streams(max_num_streams);
-    c.set_max_connection_receive_window(Some(max_num_streams * YAMUX_DEFAULT_WINDOW));
+    // Plus headroom: a window of exactly streams x 256 KiB leaves yamux's auto-tuning no room
+    // to grow any stream's window past 256 KiB, which caps single-stream bulk.
+    c.set_max_connection_receive_window(Some(
+        max_num_streams * YAMUX_DEFAULT_WINDOW + WINDOW_HEADROOM,
+    ));
     c.set_split_send_size(SPLIT_SEND_SIZE);
     c
 }
