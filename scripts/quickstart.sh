@@ -37,7 +37,9 @@ if ! command -v cargo >/dev/null; then
 fi
 
 echo "==> building (release)"
-cargo build --release --quiet -p tether-proxy -p tether-agent -p tether-tests --bin tether-fixture-apiserver
+# Two commands: `--bin` would apply to every package named with -p.
+cargo build --release --quiet -p tether-proxy -p tether-agent
+cargo build --release --quiet -p tether-tests --bin tether-fixture-apiserver
 BIN="$ROOT/target/release"
 
 rm -rf "$DIR"; mkdir -p "$DIR"; chmod 700 "$DIR"
