@@ -1,5 +1,6 @@
 //! The ways a client reaches the upstream: directly, through the proxy's `--expose` listener,
-//! or through a TLS connection to the front and `CONNECT`.
+//! through a TLS connection to the front and `CONNECT`, or (HTTP only) directly over TLS and
+//! through the front's kube gateway.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,9 +30,14 @@ pub enum Route {
     Expose(SocketAddr),
     /// TLS to the proxy's front, then `CONNECT cluster:443` with a client token.
     Connect(Arc<ConnectRoute>),
+    /// TLS straight to the upstream's HTTPS mode (server name `127.0.0.1`).
+    DirectTls(SocketAddr, TlsConnector),
+    /// TLS to the proxy's front; HTTP requests go to `/clusters/{cluster}/...` with the client
+    /// token as a bearer token (see [`Route::http_request`]).
+    Gateway(Arc<ConnectRoute>),
 }
 
-/// What [`Route::Connect`] needs.
+/// What [`Route::Connect`] and [`Route::Gateway`] need.
 pub struct ConnectRoute {
     pub front: SocketAddr,
     pub cluster: String,
@@ -46,7 +52,24 @@ impl Route {
             Route::Direct(_) => "direct",
             Route::Expose(_) => "expose",
             Route::Connect(_) => "connect",
+            Route::DirectTls(..) => "direct-tls",
+            Route::Gateway(_) => "gateway",
         }
+    }
+
+    /// The HTTP/1.1 request for `GET /{path}` on this route: through the gateway the path
+    /// goes under `/clusters/{cluster}/` and the client token is added.
+    pub fn http_request(&self, path: &str) -> Vec<u8> {
+        match self {
+            Route::Gateway(g) => format!(
+                "GET /clusters/{cl}/{path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {tok}\r\n\
+                 User-Agent: tether-bench\r\n\r\n",
+                cl = g.cluster,
+                tok = g.token
+            ),
+            _ => format!("GET /{path} HTTP/1.1\r\nHost: upstream\r\nUser-Agent: tether-bench\r\n\r\n"),
+        }
+        .into_bytes()
     }
 
     /// Opens one connection, bounded by [`DIAL_TIMEOUT`].
@@ -91,8 +114,24 @@ impl Route {
                 }
                 Ok(Box::new(tls))
             }
+            Route::DirectTls(addr, tls) => Ok(Box::new(tls_dial(*addr, "127.0.0.1", tls).await?)),
+            Route::Gateway(g) => Ok(Box::new(tls_dial(g.front, "localhost", &g.tls).await?)),
         }
     }
+}
+
+/// TCP to `addr` (no Nagle), then a TLS handshake for `name`.
+async fn tls_dial(
+    addr: SocketAddr,
+    name: &'static str,
+    tls: &TlsConnector,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = rustls::pki_types::ServerName::try_from(name)?;
+    tls.connect(name, tcp)
+        .await
+        .with_context(|| format!("TLS to {addr}"))
 }
 
 /// Opens an echo connection and waits for the echoed mode byte: the stream is open end to end.

@@ -192,6 +192,10 @@ pub enum Transport {
 pub struct Options<'a> {
     pub bin_dir: &'a Path,
     pub upstream: SocketAddr,
+    /// The CA of the upstream's HTTPS mode. With it the agent gets `--upstream https://ADDR`,
+    /// `--upstream-ca-file` and `--upstream-token-file` (a dummy token the upstream ignores),
+    /// so it serves the kube gateway; raw streams still go to the same address.
+    pub upstream_ca_pem: Option<&'a str>,
     pub transport: Transport,
     /// Extra arguments for `tether-proxy serve` and for `tether-agent`.
     pub proxy_args: &'a [String],
@@ -287,9 +291,24 @@ impl Tunnel {
             .arg("--token-file")
             .arg(&token_file)
             .arg("--ca-file")
-            .arg(&ca_file)
-            .args(["--upstream", &upstream.to_string()])
-            .args(opts.agent_args);
+            .arg(&ca_file);
+        match opts.upstream_ca_pem {
+            Some(upstream_ca) => {
+                let upstream_ca_file = dir.path.join("upstream-ca.pem");
+                let upstream_token_file = dir.path.join("upstream.token");
+                std::fs::write(&upstream_ca_file, upstream_ca)?;
+                std::fs::write(&upstream_token_file, "bench-upstream-token\n")?;
+                cmd.args(["--upstream", &format!("https://{upstream}")])
+                    .arg("--upstream-ca-file")
+                    .arg(&upstream_ca_file)
+                    .arg("--upstream-token-file")
+                    .arg(&upstream_token_file);
+            }
+            None => {
+                cmd.args(["--upstream", &upstream.to_string()]);
+            }
+        }
+        cmd.args(opts.agent_args);
         let agent = spawn("tether-agent", cmd, dir.path.join("agent.log"))?;
 
         let mut tunnel = Tunnel {

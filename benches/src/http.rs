@@ -1,6 +1,9 @@
 //! HTTP/1.1 GET of a 1 KiB object over many concurrent keep-alive connections, with a
-//! hand-rolled client loop (one request in flight per connection).
+//! hand-rolled client loop (one request in flight per connection). The request is the
+//! route's ([`Route::http_request`]): plain `GET /object`, or through the kube gateway
+//! `GET /clusters/{cluster}/object` with a bearer token.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -11,8 +14,8 @@ use crate::dial::{BoxIo, Route};
 use crate::stats::{Samples, Summary};
 use crate::upstream::{find_head_end, HTTP_BODY};
 
-const REQUEST: &[u8] =
-    b"GET /object HTTP/1.1\r\nHost: upstream\r\nUser-Agent: tether-bench\r\n\r\n";
+/// The path asked for (under `/clusters/{cluster}/` through the gateway).
+const PATH: &str = "object";
 /// Longest a single request may take before its connection gives up.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -28,16 +31,19 @@ pub struct Http {
     pub latency: Summary,
 }
 
-/// A keep-alive connection and its read buffer.
+/// A keep-alive connection, its read buffer and the request it sends.
 struct Conn {
     io: BoxIo,
     buf: Vec<u8>,
+    request: Arc<[u8]>,
 }
 
 impl Conn {
     /// Sends one GET and reads the whole response; checks the status and body length.
     async fn get(&mut self) -> Result<()> {
-        self.io.write_all(REQUEST).await?;
+        self.io.write_all(&self.request).await?;
+        // TLS routes may hold the record back until flushed; a no-op on TCP.
+        self.io.flush().await?;
         let head = loop {
             if let Some(h) = find_head_end(&self.buf) {
                 break h;
@@ -83,11 +89,13 @@ impl Conn {
 
 /// Runs `connections` keep-alive clients for `duration` (after one warm-up request each).
 pub async fn run(route: &Route, connections: usize, duration: Duration) -> Result<Http> {
+    let request: Arc<[u8]> = route.http_request(PATH).into();
     let mut conns = Vec::with_capacity(connections);
     for _ in 0..connections {
         let mut c = Conn {
             io: route.dial().await?,
             buf: Vec::with_capacity(4096),
+            request: request.clone(),
         };
         tokio::time::timeout(REQUEST_TIMEOUT, c.get())
             .await

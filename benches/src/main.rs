@@ -8,6 +8,9 @@
 //! - `rtt`: 64-byte request/response on an open connection;
 //! - `connect`: new connection to first byte back, sequential and 16 in flight;
 //! - `http`: HTTP/1.1 GET of a 1 KiB object on 64 keep-alive connections;
+//! - `gateway`: the same GET through the kube gateway (`https://FRONT/clusters/NAME/object`
+//!   with a bearer token; the agent forwards it over HTTPS to the upstream), against HTTPS
+//!   straight to the upstream;
 //! - `idle`: resident memory of proxy + agent per idle tunneled connection.
 //!
 //! Tunnel runs go through the proxy's `--expose` listener (the peers' topology); bulk and RTT
@@ -39,7 +42,7 @@ use harness::Tunnel;
 use report::{Compare, Row, Target, Usage};
 
 /// Best encrypted peer (DESIGN.md): share of direct it reaches, in percent; tether's targets
-/// are 1.2× these.
+/// are 1.2× these. The kube gateway is held to 1.0× the HTTP share (rathole-TLS at L4).
 const PEER_BULK: f64 = 25.0;
 const PEER_HTTP: f64 = 32.0;
 const PEER_CONN: f64 = 35.0;
@@ -51,6 +54,7 @@ enum Case {
     Rtt,
     Connect,
     Http,
+    Gateway,
     Idle,
 }
 
@@ -73,7 +77,7 @@ struct Cli {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "bulk,rtt,connect,http,idle"
+        default_value = "bulk,rtt,connect,http,gateway,idle"
     )]
     cases: Vec<Case>,
     /// Bytes per bulk run, split among its streams [default: 2 GiB, quick 64 MiB].
@@ -169,6 +173,9 @@ struct Ctx {
     direct: Route,
     expose: Route,
     connect: Route,
+    /// HTTPS straight to the upstream, and through the kube gateway.
+    direct_tls: Route,
+    gateway: Route,
     profile: Profile,
 }
 
@@ -262,6 +269,7 @@ async fn run(cli: Cli) -> Result<bool> {
     let mut tunnel = Tunnel::start(&harness::Options {
         bin_dir: &bin_dir,
         upstream: upstream.addr,
+        upstream_ca_pem: Some(&upstream.ca_pem),
         transport: cli.transport,
         proxy_args: &cli.proxy_args,
         agent_args: &cli.agent_args,
@@ -275,16 +283,26 @@ async fn run(cli: Cli) -> Result<bool> {
         tunnel.expose_addr,
         started.elapsed().as_secs_f64()
     );
-    let tls = tether_proto::tls::client_config(&tunnel.ca_pem, &[b"http/1.1"], None)?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tether_proto::tls::client_config(
+        &tunnel.ca_pem,
+        &[b"http/1.1"],
+        None,
+    )?));
+    let upstream_tls = tokio_rustls::TlsConnector::from(Arc::new(
+        tether_proto::tls::client_config(&upstream.ca_pem, &[b"http/1.1"], None)?,
+    ));
+    let front = Arc::new(ConnectRoute {
+        front: tunnel.front_addr,
+        cluster: harness::CLUSTER.into(),
+        token: tunnel.client_token.clone(),
+        tls,
+    });
     let ctx = Ctx {
         direct: Route::Direct(upstream.addr),
         expose: Route::Expose(tunnel.expose_addr),
-        connect: Route::Connect(Arc::new(ConnectRoute {
-            front: tunnel.front_addr,
-            cluster: harness::CLUSTER.into(),
-            token: tunnel.client_token.clone(),
-            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
-        })),
+        connect: Route::Connect(front.clone()),
+        direct_tls: Route::DirectTls(upstream.addr, upstream_tls),
+        gateway: Route::Gateway(front),
         tunnel,
         profile,
     };
@@ -294,7 +312,14 @@ async fn run(cli: Cli) -> Result<bool> {
     let mut details = serde_json::Map::new();
     let mut errors = Vec::new();
     // Idle memory first, while the processes have not grown from the other cases.
-    for case in [Case::Idle, Case::Rtt, Case::Connect, Case::Bulk, Case::Http] {
+    for case in [
+        Case::Idle,
+        Case::Rtt,
+        Case::Connect,
+        Case::Bulk,
+        Case::Http,
+        Case::Gateway,
+    ] {
         if !cli.cases.contains(&case) {
             continue;
         }
@@ -307,6 +332,7 @@ async fn run(cli: Cli) -> Result<bool> {
             Case::Connect => case_connect(&ctx).await,
             Case::Bulk => case_bulk(&ctx).await,
             Case::Http => case_http(&ctx).await,
+            Case::Gateway => case_gateway(&ctx).await,
         };
         let result = result.and_then(|r| ctx.tunnel.check_alive().map(|()| r));
         match result {
@@ -330,12 +356,14 @@ async fn run(cli: Cli) -> Result<bool> {
     let table = report::table(&rows);
     println!("\n{table}");
     println!(
-        "profile {}, transport {:?}, {:.0}s total, {} CPUs; direct = same upstream without tether; \
-         ratios are tunnel/direct",
+        "profile {}, transport {:?}, {:.0}s total, {} CPUs; direct = same upstream without tether \
+         (HTTPS for the gateway rows); ratios are tunnel/direct",
         ctx.profile.name,
         cli.transport,
         elapsed,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
     );
     let doc = json!({
         "command": std::env::args().collect::<Vec<_>>().join(" "),
@@ -672,6 +700,54 @@ async fn case_http(ctx: &Ctx) -> CaseResult {
     if t.errors > 0 || direct.errors > 0 {
         eprintln!(
             "   http errors: direct {}, expose {}",
+            direct.errors, t.errors
+        );
+    }
+    Ok((rows, serde_json::to_value([direct, t])?))
+}
+
+async fn case_gateway(ctx: &Ctx) -> CaseResult {
+    let p = &ctx.profile;
+    let dur = Duration::from_secs_f64(p.http_secs);
+    let direct = http::run(&ctx.direct_tls, p.http_conns, dur).await?;
+    let (t, usage) = ctx
+        .usage(http::run(&ctx.gateway, p.http_conns, dur))
+        .await?;
+    let c = p.http_conns;
+    let (d, l) = (&direct.latency, &t.latency);
+    let rows = vec![
+        Row::new(
+            format!("kube gateway GET 1 KiB, {c} conns, rate"),
+            "gateway",
+            "req/s",
+            Some(direct.req_per_s),
+            t.req_per_s,
+            Compare::Ratio,
+            Some(Target::RatioAtLeast(PEER_HTTP)),
+        )
+        .with_usage(usage),
+        Row::new(
+            format!("kube gateway GET 1 KiB, {c} conns, p50"),
+            "gateway",
+            "us",
+            Some(d.p50_us),
+            l.p50_us,
+            Compare::Added,
+            None,
+        ),
+        Row::new(
+            format!("kube gateway GET 1 KiB, {c} conns, p99"),
+            "gateway",
+            "us",
+            Some(d.p99_us),
+            l.p99_us,
+            Compare::Added,
+            None,
+        ),
+    ];
+    if t.errors > 0 || direct.errors > 0 {
+        eprintln!(
+            "   gateway errors: direct-tls {}, gateway {}",
             direct.errors, t.errors
         );
     }

@@ -41,7 +41,7 @@ impl Target {
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
     pub case: String,
-    /// `expose` or `connect`.
+    /// `expose`, `connect` or `gateway`.
     pub route: &'static str,
     pub unit: &'static str,
     pub direct: Option<f64>,

@@ -9,21 +9,29 @@
 //! - `G`: **HTTP/1.1** (the `G` of `GET`). Answers every request on the keep-alive
 //!   connection with `200 OK` and a fixed 1 KiB body.
 //!
+//! - `0x16` (a TLS handshake record): **HTTPS**. TLS 1.3 with a certificate for `127.0.0.1`
+//!   and `localhost` from a CA generated at start ([`Upstream::ca_pem`]), then the same
+//!   HTTP/1.1 answers as `G`. This is the "API server" the agent's kube gateway handler talks
+//!   to (`--upstream https://ADDR --upstream-ca-file ...`), on the same port as the raw modes.
+//!
 //! Anything else closes the connection. Every connection ends at end of stream or on error;
 //! the accept loop ends when the returned [`Upstream`] is dropped.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Result;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use anyhow::{Context, Result};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
+use tokio_rustls::TlsAcceptor;
 
 /// Mode byte: sink.
 pub const MODE_SINK: u8 = b'S';
 /// Mode byte: echo.
 pub const MODE_ECHO: u8 = b'E';
+/// First byte of a TLS connection (handshake record).
+const MODE_TLS: u8 = 0x16;
 /// Size of the HTTP response body.
 pub const HTTP_BODY: usize = 1024;
 /// Largest HTTP request head the server accepts.
@@ -35,6 +43,8 @@ const SINK_BUFFER: usize = 256 * 1024;
 /// clients).
 pub struct Upstream {
     pub addr: SocketAddr,
+    /// The CA (PEM) that signed the HTTPS mode's certificate.
+    pub ca_pem: String,
     stop: Arc<Notify>,
 }
 
@@ -51,6 +61,17 @@ pub async fn start() -> Result<Upstream> {
     let stop = Arc::new(Notify::new());
     let stopped = stop.clone();
     let response: Arc<[u8]> = http_response().into();
+    let ca = tether_proto::tls::CertificateAuthority::generate("bench upstream")
+        .context("generating the upstream CA")?;
+    let leaf = ca
+        .issue_server(
+            &["127.0.0.1".into(), "localhost".into()],
+            std::time::Duration::from_secs(3600),
+        )
+        .context("issuing the upstream certificate")?;
+    let tls = tether_proto::tls::server_config(&leaf.cert_pem, &leaf.key_pem, &[b"http/1.1"], None)
+        .context("upstream TLS configuration")?;
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -59,9 +80,9 @@ pub async fn start() -> Result<Upstream> {
             };
             match accepted {
                 Ok((tcp, _)) => {
-                    let response = response.clone();
+                    let (response, acceptor) = (response.clone(), acceptor.clone());
                     tokio::spawn(async move {
-                        let _ = serve(tcp, response).await;
+                        let _ = serve(tcp, response, acceptor).await;
                     });
                 }
                 // Out of file descriptors or similar: back off briefly, keep serving.
@@ -69,7 +90,11 @@ pub async fn start() -> Result<Upstream> {
             }
         }
     });
-    Ok(Upstream { addr, stop })
+    Ok(Upstream {
+        addr,
+        ca_pem: ca.cert_pem().to_string(),
+        stop,
+    })
 }
 
 /// The fixed HTTP response: headers and a 1 KiB body.
@@ -82,16 +107,30 @@ fn http_response() -> Vec<u8> {
     r
 }
 
-async fn serve(mut tcp: TcpStream, response: Arc<[u8]>) -> std::io::Result<()> {
+async fn serve(
+    mut tcp: TcpStream,
+    response: Arc<[u8]>,
+    acceptor: TlsAcceptor,
+) -> std::io::Result<()> {
     tcp.set_nodelay(true)?;
     let mut mode = [0u8; 1];
-    if tcp.read(&mut mode).await? == 0 {
+    // Peek, so that a TLS handshake reaches the acceptor whole.
+    if tcp.peek(&mut mode).await? == 0 {
         return Ok(());
     }
+    if mode[0] == MODE_TLS {
+        let tls = acceptor.accept(tcp).await?;
+        return http(tls, Vec::with_capacity(4096), response).await;
+    }
+    tcp.read_exact(&mut mode).await?;
     match mode[0] {
         MODE_SINK => sink(tcp).await,
         MODE_ECHO => echo(tcp).await,
-        b'G' => http(tcp, response).await,
+        b'G' => {
+            let mut buf = Vec::with_capacity(4096);
+            buf.push(b'G');
+            http(tcp, buf, response).await
+        }
         _ => Ok(()),
     }
 }
@@ -124,11 +163,13 @@ async fn echo(mut tcp: TcpStream) -> std::io::Result<()> {
     }
 }
 
-/// Serves GET requests (no request bodies) on a keep-alive connection; pipelined requests
-/// are answered in order.
-async fn http(mut tcp: TcpStream, response: Arc<[u8]>) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(4096);
-    buf.push(b'G');
+/// Serves GET requests (no request bodies) on a keep-alive connection, `buf` holding what was
+/// already read of it; pipelined requests are answered in order.
+async fn http<S: AsyncRead + AsyncWrite + Unpin>(
+    mut tcp: S,
+    mut buf: Vec<u8>,
+    response: Arc<[u8]>,
+) -> std::io::Result<()> {
     let mut chunk = [0u8; 4096];
     loop {
         // Answer every complete request head in the buffer.
@@ -143,6 +184,8 @@ async fn http(mut tcp: TcpStream, response: Arc<[u8]>) -> std::io::Result<()> {
             for _ in 0..answered {
                 tcp.write_all(&response).await?;
             }
+            // A TLS stream may hold the records back until flushed.
+            tcp.flush().await?;
         }
         if buf.len() > MAX_HEAD {
             return Ok(());
@@ -189,5 +232,20 @@ mod tests {
         c.read_exact(&mut back).await.unwrap();
         assert!(back.starts_with(b"HTTP/1.1 200 OK\r\n"));
         assert!(back[one..].starts_with(b"HTTP/1.1 200 OK\r\n"));
+        // HTTPS.
+        let cfg = tether_proto::tls::client_config(&up.ca_pem, &[b"http/1.1"], None).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tcp = TcpStream::connect(up.addr).await.unwrap();
+        let mut c = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        c.write_all(b"GET /clusters/x/object HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        c.flush().await.unwrap();
+        let mut back = vec![0u8; one];
+        c.read_exact(&mut back).await.unwrap();
+        assert!(back.starts_with(b"HTTP/1.1 200 OK\r\n"));
     }
 }

@@ -88,7 +88,12 @@ impl<'c> Direction<'c> {
 
     /// Moves bytes from `r` to `w` until `r` ends (then shuts `w` down) or something is
     /// pending. Ready once this direction is finished.
-    fn poll_copy<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+    ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -100,7 +105,9 @@ impl<'c> Direction<'c> {
             let empty = self.buf.as_ref().is_none_or(|b| b.is_empty());
             // Refill when everything read so far has been written.
             if empty && !self.read_done {
-                let buf = self.buf.get_or_insert_with(|| BytesMut::with_capacity(SPLICE_BUFFER));
+                let buf = self
+                    .buf
+                    .get_or_insert_with(|| BytesMut::with_capacity(SPLICE_BUFFER));
                 buf.clear();
                 match tokio_util::io::poll_read_buf(Pin::new(&mut *r), cx, buf) {
                     Poll::Ready(Ok(0)) => {
