@@ -3,12 +3,9 @@
 //! read with the pod's ServiceAccount, which never leaves the member).
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
 
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
@@ -48,7 +45,7 @@ pub async fn cluster_uid(addr: &str) -> Result<String> {
         .context("kube-system namespace has no metadata.uid")
 }
 
-/// One bounded HTTPS GET with a bearer token.
+/// One bounded HTTPS GET with a bearer token; anything but 2xx is an error.
 async fn get(
     addr: &str,
     server_name: &str,
@@ -56,36 +53,20 @@ async fn get(
     token: &str,
     path: &str,
 ) -> Result<Vec<u8>> {
-    let config = tether_proto::tls::client_config(ca_pem, &[b"http/1.1"], None)?;
-    let fetch = async {
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
-        let name = rustls::pki_types::ServerName::try_from(server_name.to_string())?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(name, tcp)
-            .await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
-        tokio::spawn(conn);
-        let req = http::Request::get(path)
-            .header(http::header::HOST, server_name)
-            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
-            .header(http::header::ACCEPT, "application/json")
-            .body(Empty::<bytes::Bytes>::new())?;
-        let resp = sender.send_request(req).await?;
-        let status = resp.status();
-        let body = Limited::new(resp.into_body(), 1 << 20)
-            .collect()
-            .await
-            .map_err(|e| anyhow::anyhow!("reading response: {e}"))?
-            .to_bytes();
-        if !status.is_success() {
-            bail!(
-                "GET {path}: {status}: {}",
-                String::from_utf8_lossy(&body[..body.len().min(300)])
-            );
-        }
-        Ok::<_, anyhow::Error>(body.to_vec())
-    };
-    tokio::time::timeout(Duration::from_secs(10), fetch)
-        .await
-        .context("timed out")?
+    let (status, body) = tether_proto::http::api_get(
+        addr,
+        server_name,
+        ca_pem,
+        token,
+        path,
+        Duration::from_secs(10),
+    )
+    .await?;
+    if !status.is_success() {
+        bail!(
+            "GET {path}: {status}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(300)])
+        );
+    }
+    Ok(body.to_vec())
 }

@@ -150,6 +150,68 @@ pub fn finish_upgrade(
     Response::from_parts(parts, full(Bytes::new()))
 }
 
+/// Why a one-shot [`api_get`] failed (before any HTTP status).
+#[derive(Debug, thiserror::Error)]
+pub enum ApiGetError {
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("invalid server name {0:?}")]
+    ServerName(String),
+    #[error("connecting: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("HTTP: {0}")]
+    Http(String),
+    #[error("timed out after {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+/// One bounded HTTPS `GET path` to a Kubernetes API server at `addr` (verified as
+/// `server_name` against `ca_pem`) with a bearer token: status and body (at most 1 MiB).
+pub async fn api_get(
+    addr: &str,
+    server_name: &str,
+    ca_pem: &str,
+    token: &str,
+    path: &str,
+    timeout: std::time::Duration,
+) -> Result<(StatusCode, Bytes), ApiGetError> {
+    let config = crate::tls::client_config(ca_pem, &[b"http/1.1"], None)?;
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+        .map_err(|_| ApiGetError::ServerName(server_name.into()))?;
+    let fetch = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await?;
+        let http_err = |e: &dyn std::fmt::Display| ApiGetError::Http(e.to_string());
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| http_err(&e))?;
+        let driver = tokio::spawn(conn);
+        let mut auth =
+            HeaderValue::from_str(&format!("Bearer {}", token.trim())).map_err(|e| http_err(&e))?;
+        auth.set_sensitive(true);
+        let req = http::Request::get(path)
+            .header(header::HOST, server_name)
+            .header(header::AUTHORIZATION, auth)
+            .header(header::ACCEPT, "application/json")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .map_err(|e| http_err(&e))?;
+        let resp = sender.send_request(req).await.map_err(|e| http_err(&e))?;
+        let status = resp.status();
+        let body = http_body_util::Limited::new(resp.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|e| http_err(&e))?
+            .to_bytes();
+        driver.abort();
+        Ok((status, body))
+    };
+    tokio::time::timeout(timeout, fetch)
+        .await
+        .map_err(|_| ApiGetError::Timeout(timeout))?
+}
+
 /// Removes the caller's credentials and any impersonation it asked for.
 pub fn strip_caller_credentials(headers: &mut HeaderMap) {
     headers.remove(header::AUTHORIZATION);

@@ -18,8 +18,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use serde_json::Value;
@@ -465,36 +463,15 @@ async fn read_service(auto: &AutoPublish) -> Result<Value> {
         "/api/v1/namespaces/{}/services/{}",
         auto.namespace, auto.service
     );
-    let config = tether_proto::tls::client_config(&ca, &[b"http/1.1"], None)?;
-    let fetch = async {
-        let tcp = tokio::net::TcpStream::connect(&auto.api_server).await?;
-        let name = rustls::pki_types::ServerName::try_from(auto.server_name.clone())?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(name, tcp)
-            .await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
-        let driver = tokio::spawn(conn);
-        let req = http::Request::get(&path)
-            .header(http::header::HOST, auto.server_name.as_str())
-            .header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", token.trim()),
-            )
-            .header(http::header::ACCEPT, "application/json")
-            .body(Empty::<bytes::Bytes>::new())?;
-        let resp = sender.send_request(req).await?;
-        let status = resp.status();
-        let body = Limited::new(resp.into_body(), 1 << 20)
-            .collect()
-            .await
-            .map_err(|e| anyhow::anyhow!("reading the response: {e}"))?
-            .to_bytes();
-        driver.abort();
-        Ok::<_, anyhow::Error>((status, body))
-    };
-    let (status, body) = tokio::time::timeout(API_TIMEOUT, fetch)
-        .await
-        .context("timed out")??;
+    let (status, body) = tether_proto::http::api_get(
+        &auto.api_server,
+        &auto.server_name,
+        &ca,
+        &token,
+        &path,
+        API_TIMEOUT,
+    )
+    .await?;
     let message = || {
         serde_json::from_slice::<Value>(&body)
             .ok()
