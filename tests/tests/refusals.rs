@@ -139,7 +139,7 @@ async fn hostile_bytes_and_protocol_errors_are_refused() {
     }
 
     // An unsupported protocol version: the Reject says which versions the proxy speaks.
-    let session = tls::connect(&agent_addr, "localhost", Arc::new(config), &cfg)
+    let session = tls::connect(&agent_addr, "localhost", Arc::new(config.clone()), &cfg)
         .await
         .unwrap();
     let mut control = session.handle.open_stream().await.unwrap();
@@ -160,8 +160,38 @@ async fn hostile_bytes_and_protocol_errors_are_refused() {
         other => panic!("expected a Reject, got {other:?}"),
     }
 
+    // A cluster name that breaks the Kubernetes rule: refused with the rule in the reason.
+    let session = tls::connect(&agent_addr, "localhost", Arc::new(config), &cfg)
+        .await
+        .unwrap();
+    let mut control = session.handle.open_stream().await.unwrap();
+    let hello = Hello {
+        protocol_version: 1,
+        cluster: "Bad_Name".into(),
+        token: proxy.agent_token("a"),
+        ..Default::default()
+    };
+    write_message(&mut control, &hello).await.unwrap();
+    let reply: HelloReply = read_message(&mut control, 1 << 16).await.unwrap();
+    match reply.reply {
+        Some(hello_reply::Reply::Reject(r)) => {
+            assert_eq!(r.code, RejectCode::InvalidClusterName as i32);
+            assert!(
+                r.reason.contains("lowercase letters, digits"),
+                "{}",
+                r.reason
+            );
+        }
+        other => panic!("expected a Reject, got {other:?}"),
+    }
+
     let metrics = proxy.metrics();
-    for reason in ["tls_handshake", "protocol_error", "unsupported_version"] {
+    for reason in [
+        "tls_handshake",
+        "protocol_error",
+        "unsupported_version",
+        "invalid_cluster_name",
+    ] {
         assert!(
             metrics.contains(&format!(
                 "tether_agent_auth_failures_total{{reason=\"{reason}\"}}"
