@@ -42,11 +42,38 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
+///
+/// Picked below Linux's ephemeral range (32768 and up), where outgoing connections of other
+/// tests cannot take it between now and the moment a child process binds it; both TCP and UDP
+/// (QUIC shares the agent port number) are checked.
 pub fn free_port() -> u16 {
+    for _ in 0..1000 {
+        let port = 10_000 + rand_below(22_000) as u16;
+        let tcp = TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("binding an ephemeral port")
+}
+
+/// A pseudo-random number below `n`, without a dependency: hashed time and a counter.
+fn rand_below(n: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish() % n
 }
 
 /// A child process killed (by its PID) when dropped; its stderr goes to a log file.
@@ -247,12 +274,35 @@ impl Proxy {
             process: None,
             starts: 0,
         };
-        proxy.launch().await;
-        proxy
+        // A port taken between picking and binding: try again with other ports.
+        for _ in 0..5 {
+            if proxy.try_launch().await {
+                return proxy;
+            }
+            proxy.agent_port = free_port();
+            proxy.front_port = free_port();
+            proxy.admin_port = free_port();
+            for (_, port) in proxy.exposed.iter_mut() {
+                *port = free_port();
+            }
+        }
+        panic!("proxy could not bind its ports:\n{}", proxy.log());
     }
 
     /// Starts (or restarts) the process on the same ports and state dir, and waits for ready.
     pub async fn launch(&mut self) {
+        // After a kill the old sockets may linger a moment: retry the same ports.
+        for _ in 0..10 {
+            if self.try_launch().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        panic!("proxy could not bind its ports:\n{}", self.log());
+    }
+
+    /// One start; `false` if a port was in use (the process exited saying so).
+    async fn try_launch(&mut self) -> bool {
         self.starts += 1;
         let mut cmd = Command::new(bin("tether-proxy"));
         cmd.arg("serve")
@@ -281,6 +331,10 @@ impl Proxy {
             if let Ok((200, _)) = http_get(self.admin_port, "/readyz") {
                 break;
             }
+            if process.has_exited() && process.log().contains("Address already in use") {
+                self.process = Some(process);
+                return false;
+            }
             assert!(
                 !process.has_exited(),
                 "proxy exited early:\n{}",
@@ -294,6 +348,7 @@ impl Proxy {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.process = Some(process);
+        true
     }
 
     /// The options the next [`launch`](Self::launch) uses (e.g. other `--transports`).
