@@ -545,17 +545,69 @@ impl ConnectOutcome {
     }
 }
 
+/// Where a proxy's front listens and the CA it is signed by: enough to reach it from a task
+/// that cannot borrow the [`Proxy`].
+#[derive(Debug, Clone)]
+pub struct Front {
+    pub port: u16,
+    pub ca_pem: String,
+}
+
+impl Proxy {
+    pub fn front(&self) -> Front {
+        Front {
+            port: self.front_port,
+            ca_pem: self.ca_pem(),
+        }
+    }
+}
+
+impl Front {
+    /// A TLS connection to the front, verifying it as `localhost` against the proxy's CA.
+    pub async fn tls(&self) -> TlsStream<tokio::net::TcpStream> {
+        let config = tether_proto::tls::client_config(&self.ca_pem, &[b"http/1.1"], None)
+            .expect("client config");
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .expect("front reachable");
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect("localhost".try_into().expect("name"), tcp)
+            .await
+            .expect("front TLS")
+    }
+
+    /// One HTTP/1.1 `GET path` with extra `headers` on a new connection: (status, body).
+    /// Bounded by a minute.
+    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> (u16, bytes::Bytes) {
+        use http_body_util::BodyExt;
+        let exchange = async {
+            let io = hyper_util::rt::TokioIo::new(self.tls().await);
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .expect("HTTP handshake");
+            tokio::spawn(conn);
+            let mut req = http::Request::get(path).header("host", "localhost");
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let body = http_body_util::Empty::<bytes::Bytes>::new();
+            let resp = sender
+                .send_request(req.body(body).expect("request"))
+                .await
+                .expect("response");
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            (status, body)
+        };
+        tokio::time::timeout(Duration::from_secs(60), exchange)
+            .await
+            .expect("front answered within a minute")
+    }
+}
+
 /// Sends `CONNECT {cluster}:443` to the proxy's front with an optional `Proxy-Authorization`.
 pub async fn connect_via_front(proxy: &Proxy, cluster: &str, auth: Option<&str>) -> ConnectOutcome {
-    let config = tether_proto::tls::client_config(&proxy.ca_pem(), &[b"http/1.1"], None)
-        .expect("client config");
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.front_port))
-        .await
-        .expect("front reachable");
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect("localhost".try_into().expect("name"), tcp)
-        .await
-        .expect("front TLS");
+    let mut tls = proxy.front().tls().await;
     let mut req = format!("CONNECT {cluster}:443 HTTP/1.1\r\nHost: {cluster}:443\r\n");
     if let Some(a) = auth {
         req.push_str(&format!("Proxy-Authorization: {a}\r\n"));

@@ -4,7 +4,6 @@
 //! each over every agent transport ([`per_transport!`]).
 
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -125,36 +124,9 @@ fn kubectl(
     )
 }
 
-/// A TLS connection to the proxy's front.
-async fn front_tls(proxy: &Proxy) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let config = tether_proto::tls::client_config(&proxy.ca_pem(), &[b"http/1.1"], None).unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.front_port))
-        .await
-        .unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap()
-}
-
-/// One HTTP/1.1 request to the front: (status, body).
+/// One HTTP/1.1 GET to the front: (status, body).
 async fn request(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> (u16, Bytes) {
-    let tls = front_tls(proxy).await;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut req = http::Request::get(path).header("host", "localhost");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = sender
-        .send_request(req.body(Empty::<Bytes>::new()).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, body)
+    proxy.front().get(path, headers).await
 }
 
 fn status_of(body: &[u8]) -> serde_json::Value {
@@ -318,7 +290,7 @@ async fn exec_over_websocket_and_raw_upgrades_pass_through(t: Transport) {
 
     // Any upgrade protocol (SPDY/3.1 here) is spliced byte for byte, with half-close.
     let token = env.proxy.client_token("alice", "local");
-    let mut tls = front_tls(&env.proxy).await;
+    let mut tls = env.proxy.front().tls().await;
     let head = format!(
         "POST /clusters/local/fixture/upgrade-echo?command=x&stdin=true HTTP/1.1\r\nHost: localhost\r\n\
          Authorization: Bearer {token}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\r\n"
@@ -590,7 +562,7 @@ async fn large_and_many_responses_with_bounded_proxy_memory(t: Transport) {
 
     // 50 MiB in one response, streamed.
     let size = 50u64 << 20;
-    let tls = front_tls(&env.proxy).await;
+    let tls = env.proxy.front().tls().await;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
@@ -623,31 +595,14 @@ async fn large_and_many_responses_with_bounded_proxy_memory(t: Transport) {
     // 200 concurrent GETs through one agent.
     let mut tasks = Vec::new();
     for _ in 0..200 {
-        let port = env.proxy.front_port;
-        let ca = env.proxy.ca_pem();
-        let auth = auth.clone();
+        let (front, auth) = (env.proxy.front(), auth.clone());
         tasks.push(tokio::spawn(async move {
-            let config = tether_proto::tls::client_config(&ca, &[b"http/1.1"], None).unwrap();
-            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            front
+                .get(
+                    "/clusters/local/api/v1/namespaces/default",
+                    &[("authorization", &auth)],
+                )
                 .await
-                .unwrap();
-            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-                .connect("localhost".try_into().unwrap(), tcp)
-                .await
-                .unwrap();
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            let req = http::Request::get("/clusters/local/api/v1/namespaces/default")
-                .header("host", "localhost")
-                .header("authorization", auth)
-                .body(Empty::<Bytes>::new())
-                .unwrap();
-            let resp = sender.send_request(req).await.unwrap();
-            let status = resp.status();
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
-            (status, body)
         }));
     }
     for t in tasks {

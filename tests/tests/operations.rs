@@ -10,13 +10,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tether_tests::fixture::{Fixture, FixtureOptions};
 use tether_tests::harness::*;
@@ -623,31 +620,10 @@ async fn publish_address_auto_waits_for_the_load_balancer_then_publishes_it() {
     assert!(proxy.wait_exit(WAIT).await.is_some_and(|s| s.success()));
 }
 
-/// A client token for the front, and one HTTP/1.1 GET through it.
+/// One HTTP/1.1 GET through the front with a client token.
 async fn front_get(proxy: &Proxy, token: &str, path: &str) -> (u16, Bytes) {
-    let config = tether_proto::tls::client_config(&proxy.ca_pem(), &[b"http/1.1"], None).unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.front_port))
-        .await
-        .unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::get(path)
-        .header("host", "localhost")
-        .header("authorization", format!("Bearer {token}"))
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let resp = tokio::time::timeout(WAIT, sender.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    let code = resp.status().as_u16();
-    (code, resp.into_body().collect().await.unwrap().to_bytes())
+    let auth = format!("Bearer {token}");
+    proxy.front().get(path, &[("authorization", &auth)]).await
 }
 
 /// One sample of the Prometheus text format.

@@ -74,8 +74,8 @@ async fn tls_pair(
     (agent, proxy)
 }
 
-/// Echoes every stream the session accepts.
-fn echo_server(mut incoming: Incoming) {
+/// Echoes every stream the session accepts (the QUIC-only tests use it too).
+pub(in crate::transport) fn echo_server(mut incoming: Incoming) {
     tokio::spawn(async move {
         while let Some(s) = incoming.accept().await {
             tokio::spawn(async move {

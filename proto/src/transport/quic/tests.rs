@@ -9,7 +9,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
 use crate::tls::{client_config, server_config, CertificateAuthority};
-use crate::transport::Incoming;
 
 /// TLS configurations for a server `localhost` and a client trusting its CA, with `alpn`.
 fn configs(alpn: &[&[u8]]) -> (rustls::ServerConfig, rustls::ClientConfig) {
@@ -41,19 +40,6 @@ pub(in crate::transport) async fn pair_with(
         .unwrap();
     let proxy = accept.await.unwrap();
     (agent, proxy)
-}
-
-/// Echoes every stream the session accepts.
-fn echo_server(mut incoming: Incoming) {
-    tokio::spawn(async move {
-        while let Some(s) = incoming.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tokio::io::split(s);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
 }
 
 #[tokio::test]
@@ -110,7 +96,7 @@ impl Vanishing {
                     while let Some(incoming) = listener.accept().await {
                         if let Ok(s) = incoming.handshake().await {
                             sessions.push(s.handle);
-                            echo_server(s.incoming);
+                            super::super::tests::echo_server(s.incoming);
                         }
                     }
                 };
@@ -235,7 +221,7 @@ async fn a_restarted_listener_resets_old_sessions_at_once() {
     // And a new session comes up on the restarted listener.
     let accept = tokio::spawn(async move {
         let s = second.accept().await.unwrap().handshake().await.unwrap();
-        echo_server(s.incoming);
+        super::super::tests::echo_server(s.incoming);
         (second, s.handle)
     });
     let again = connect(
