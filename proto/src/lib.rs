@@ -9,6 +9,7 @@
 //!   proxy, whatever carries it.
 //! - [`http`]: what both ends of the kube gateway share: `Status` errors, header hygiene.
 //! - [`process`]: logging set-up and shutdown signals, the same in both binaries.
+//! - [`reply`]: optimistic stream open: bytes follow `StreamOpen` before the agent's reply.
 //! - [`splice`]: copying bytes both ways between two streams, with counters.
 
 pub mod frame;
@@ -16,6 +17,7 @@ pub mod http;
 pub mod messages;
 pub mod name;
 pub mod process;
+pub mod reply;
 pub mod splice;
 pub mod tls;
 pub mod token;

@@ -2,7 +2,8 @@
 //! bytes, to that cluster's API server through the tunnel.
 //!
 //! This is the per-cluster endpoint that tower-based setups expect, for clients that cannot
-//! use CONNECT. No credential is added and TLS stays end to end with the member; whoever can
+//! use CONNECT. Streams open optimistically ([`SessionRegistry::open_early`]): the client's
+//! first bytes cross with the `StreamOpen`, so a connection costs one tunnel round trip, not two. No credential is added and TLS stays end to end with the member; whoever can
 //! reach the port still needs the member's own credentials.
 
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use tether_proto::messages::Target;
+use tether_proto::reply::ReplyError;
 
 use crate::registry::SessionRegistry;
 
@@ -64,17 +66,25 @@ pub async fn serve(
         let (registry, cluster) = (registry.clone(), cluster.clone());
         tokio::spawn(async move {
             let request_id = tether_proto::token::random_id();
-            match registry
-                .open(&cluster, Target::api_server(), &request_id)
+            // Optimistic open: the client's first bytes follow StreamOpen without waiting for
+            // the agent's accept, which saves a tunnel round trip per connection.
+            let result = match registry
+                .open_early(&cluster, Target::api_server(), &request_id)
                 .await
             {
-                Ok(tunnel) => {
-                    let _ = tunnel.splice_with(tcp).await;
-                }
-                // Bytes only: there is no protocol to put the reason in, so it goes to the log.
-                Err(e) => {
-                    info!(%peer, %cluster, request_id = %request_id, error = %e, "exposed connection closed")
-                }
+                // A refusal ends the splice with the agent's reason; other errors (a reset by
+                // either end) are how TCP connections end.
+                Ok(tunnel) => match tunnel.splice_with(tcp).await {
+                    Err(e) if e.get_ref().is_some_and(|e| e.is::<ReplyError>()) => {
+                        Err(e.to_string())
+                    }
+                    _ => Ok(()),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            // Bytes only: there is no protocol to put the reason in, so it goes to the log.
+            if let Err(error) = result {
+                info!(%peer, %cluster, request_id = %request_id, %error, "exposed connection closed")
             }
         });
     }

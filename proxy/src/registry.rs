@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use tether_proto::frame::{read_message, write_message, FrameError, DEFAULT_MAX_FRAME};
 use tether_proto::messages::{stream_reply, StreamOpen, StreamRejectCode, StreamReply, Target};
+use tether_proto::reply::{AwaitReply, OnReply, ReplyError};
 use tether_proto::transport::{MuxStream, SessionError, SessionHandle};
 
 use crate::metrics::Metrics;
@@ -143,18 +144,22 @@ impl OpenError {
     }
 }
 
-/// A data stream to a cluster, accepted by its agent. Counts bytes into the agent's totals
-/// and the open-streams gauge while it lives.
-pub struct TunnelStream {
-    pub stream: MuxStream,
+/// A data stream to a cluster, accepted by its agent (or, for [`SessionRegistry::open_early`],
+/// whose reply is read as the stream is: `S` is then an [`AwaitReply`]). Counts bytes into the
+/// agent's totals and the open-streams gauge while it lives.
+pub struct TunnelStream<S = MuxStream> {
+    pub stream: S,
     pub agent: Arc<AgentSession>,
     metrics: Arc<Metrics>,
 }
 
-impl TunnelStream {
+impl<S> TunnelStream<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     /// The stream as plain I/O that counts its bytes into the agent's and the proxy's totals
     /// and holds the open-streams gauge while it lives.
-    pub fn into_io(self) -> CountedStream {
+    pub fn into_io(self) -> CountedStream<S> {
         self.metrics.streams_open().inc();
         CountedStream {
             stream: self.stream,
@@ -173,19 +178,19 @@ impl TunnelStream {
 }
 
 /// A tunnel stream that counts bytes as they pass. See [`TunnelStream::into_io`].
-pub struct CountedStream {
-    stream: MuxStream,
+pub struct CountedStream<S = MuxStream> {
+    stream: S,
     agent: Arc<AgentSession>,
     metrics: Arc<Metrics>,
 }
 
-impl Drop for CountedStream {
+impl<S> Drop for CountedStream<S> {
     fn drop(&mut self) {
         self.metrics.streams_open().dec();
     }
 }
 
-impl tokio::io::AsyncRead for CountedStream {
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountedStream<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -202,7 +207,7 @@ impl tokio::io::AsyncRead for CountedStream {
     }
 }
 
-impl tokio::io::AsyncWrite for CountedStream {
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountedStream<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -357,7 +362,21 @@ impl SessionRegistry {
         target: Target,
         request_id: &str,
     ) -> Result<TunnelStream, OpenError> {
-        let result = self.try_open(cluster, target, request_id).await;
+        let result: Result<TunnelStream, OpenError> = async {
+            let (stream, agent) = self.send_open(cluster, target, request_id).await?;
+            let stream = tokio::time::timeout(STREAM_OPEN_TIMEOUT, read_reply(stream))
+                .await
+                .map_err(|_| OpenError::Timeout {
+                    cluster: cluster.into(),
+                })?
+                .map_err(|e| e.into_open_error(cluster))?;
+            Ok(TunnelStream {
+                stream,
+                agent,
+                metrics: self.metrics.clone(),
+            })
+        }
+        .await;
         match &result {
             Ok(_) => self.metrics.stream_open("ok"),
             Err(e) => self.metrics.stream_open(e.label()),
@@ -365,17 +384,55 @@ impl SessionRegistry {
         result
     }
 
-    async fn try_open(
+    /// Opens a data stream to `target` in `cluster` without waiting for the agent's reply
+    /// (optimistic open, see [`tether_proto::reply`]): the caller may write at once, which
+    /// saves a tunnel round trip for clients that speak first. A refusal shows up as an error
+    /// on the stream's first read, carrying the agent's reason; it is counted then.
+    ///
+    /// Only for raw byte routes whose client needs no answer before it sends (`--expose`):
+    /// CONNECT must answer its caller after the accept, and the gateway turns refusals into
+    /// `Status` responses.
+    pub async fn open_early(
         &self,
         cluster: &str,
         target: Target,
         request_id: &str,
-    ) -> Result<TunnelStream, OpenError> {
+    ) -> Result<TunnelStream<AwaitReply<MuxStream>>, OpenError> {
+        let (stream, agent) = match self.send_open(cluster, target, request_id).await {
+            Ok(opened) => opened,
+            Err(e) => {
+                self.metrics.stream_open(e.label());
+                return Err(e);
+            }
+        };
+        let metrics = self.metrics.clone();
+        let on_reply: OnReply = Box::new(move |outcome| {
+            metrics.stream_open(match outcome {
+                Ok(()) => "ok",
+                Err(ReplyError::Rejected { .. }) => "rejected",
+                Err(ReplyError::Timeout(_)) => "timeout",
+                Err(ReplyError::Protocol(_)) => "protocol_error",
+            })
+        });
+        Ok(TunnelStream {
+            stream: AwaitReply::new(stream, STREAM_OPEN_TIMEOUT, Some(on_reply)),
+            agent,
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    /// Picks an agent, opens a stream on its session and sends `StreamOpen`.
+    async fn send_open(
+        &self,
+        cluster: &str,
+        target: Target,
+        request_id: &str,
+    ) -> Result<(MuxStream, Arc<AgentSession>), OpenError> {
         // A session that died between pick and open is skipped; try each agent at most once.
         let mut last_err = None;
         for _ in 0..4 {
             let agent = self.pick(cluster)?;
-            let stream = match agent.handle.open_stream().await {
+            let mut stream = match agent.handle.open_stream().await {
                 Ok(s) => s,
                 Err(SessionError::Closed) => {
                     last_err = Some(SessionError::Closed);
@@ -392,27 +449,13 @@ impl SessionRegistry {
                 target: Some(target.clone()),
                 request_id: request_id.to_string(),
             };
-            let stream = tokio::time::timeout(STREAM_OPEN_TIMEOUT, handshake(stream, &open))
+            tokio::time::timeout(STREAM_OPEN_TIMEOUT, write_message(&mut stream, &open))
                 .await
                 .map_err(|_| OpenError::Timeout {
                     cluster: cluster.into(),
                 })?
-                .map_err(|e| match e {
-                    HandshakeError::Rejected(code, reason) => OpenError::Rejected {
-                        cluster: cluster.into(),
-                        code,
-                        reason,
-                    },
-                    HandshakeError::Frame(f) => OpenError::Protocol {
-                        cluster: cluster.into(),
-                        detail: f.to_string(),
-                    },
-                })?;
-            return Ok(TunnelStream {
-                stream,
-                agent,
-                metrics: self.metrics.clone(),
-            });
+                .map_err(|e| HandshakeError::Frame(e).into_open_error(cluster))?;
+            return Ok((stream, agent));
         }
         Err(OpenError::Session {
             cluster: cluster.into(),
@@ -487,11 +530,24 @@ enum HandshakeError {
     Frame(FrameError),
 }
 
-/// Sends `StreamOpen` and reads the agent's `StreamReply`.
-async fn handshake(mut stream: MuxStream, open: &StreamOpen) -> Result<MuxStream, HandshakeError> {
-    write_message(&mut stream, open)
-        .await
-        .map_err(HandshakeError::Frame)?;
+impl HandshakeError {
+    fn into_open_error(self, cluster: &str) -> OpenError {
+        match self {
+            HandshakeError::Rejected(code, reason) => OpenError::Rejected {
+                cluster: cluster.into(),
+                code,
+                reason,
+            },
+            HandshakeError::Frame(f) => OpenError::Protocol {
+                cluster: cluster.into(),
+                detail: f.to_string(),
+            },
+        }
+    }
+}
+
+/// Reads the agent's `StreamReply` to the `StreamOpen` sent on `stream`.
+async fn read_reply(mut stream: MuxStream) -> Result<MuxStream, HandshakeError> {
     let reply: StreamReply = read_message(&mut stream, DEFAULT_MAX_FRAME)
         .await
         .map_err(HandshakeError::Frame)?;

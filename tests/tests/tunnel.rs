@@ -93,6 +93,63 @@ async fn expose_listener_splices_plain_tcp_to_the_cluster(t: Transport) {
     );
 }
 
+per_transport!(expose_sends_early_bytes_and_a_refusal_closes_with_the_reason_logged);
+async fn expose_sends_early_bytes_and_a_refusal_closes_with_the_reason_logged(t: Transport) {
+    // The stream opens optimistically: the client's bytes follow StreamOpen at once.
+    let up = TcpEchoUpstream::start().await;
+    let proxy = Proxy::start(ProxyOptions {
+        expose: vec!["a".into(), "b".into()],
+        ..ProxyOptions::over(t)
+    })
+    .await;
+    let _a = Agent::start(&proxy, "a", &up.addr.to_string(), &[]);
+    // b's agent points at a port nobody listens on: it refuses every stream (Unreachable).
+    let dead = format!("127.0.0.1:{}", free_port());
+    let _b = Agent::start(&proxy, "b", &dead, &[]);
+    assert!(proxy.wait_agents("a", 1, WAIT).await);
+    assert!(proxy.wait_agents("b", 1, WAIT).await);
+
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.exposed_port("a")))
+        .await
+        .unwrap();
+    tcp.write_all(b"early bytes").await.unwrap();
+    let mut got = [0u8; 11];
+    tokio::time::timeout(WAIT, tcp.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"early bytes");
+
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.exposed_port("b")))
+        .await
+        .unwrap();
+    tcp.write_all(b"lost").await.unwrap();
+    let mut buf = [0u8; 16];
+    // Closed (EOF or reset), never an answer.
+    let read = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let deadline = Instant::now() + WAIT;
+    while !proxy.log().contains("agent could not connect") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = proxy.log();
+    assert!(
+        log.contains("exposed connection closed") && log.contains("agent could not connect"),
+        "{log}"
+    );
+    let metrics = proxy.metrics();
+    assert!(
+        metrics.contains("tether_stream_opens_total{result=\"rejected\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tether_stream_opens_total{result=\"ok\"} 1"),
+        "{metrics}"
+    );
+}
+
 per_transport!(agent_returns_after_proxy_restart_and_traffic_flows);
 async fn agent_returns_after_proxy_restart_and_traffic_flows(t: Transport) {
     let up = TcpEchoUpstream::start().await;

@@ -5,23 +5,30 @@
 //! - its `Connection` makes progress only while somebody polls it, so one driver task owns
 //!   it and never stops polling inbound streams, while also serving open requests from
 //!   [`SessionHandle`](super::SessionHandle)s;
-//! - it writes each frame's 12-byte header and its body as two writes, which over TLS means
-//!   two records; a write buffer under it coalesces them (it flushes after each batch);
+//! - it writes each frame's 12-byte header and its body as two writes and flushes after every
+//!   frame, which over TLS means one record and one syscall per frame (or two); so its writes
+//!   go into a buffer whose flush it cannot see ([`BatchedIo`]), and the driver flushes once
+//!   per wakeup, after yamux has written every frame that was ready: frames that are ready
+//!   together leave together, and none waits for a timer;
 //! - exceeding its `max_num_streams` terminates the *whole* connection, so its limit is set
 //!   well above the session's own limit, which refuses just the one stream;
 //! - its setters assert `window >= 256 KiB × max_num_streams` and panic otherwise, so the
 //!   connection window is derived from the stream count here, never set independently.
 
 use std::future::{poll_fn, Future};
-use std::task::Poll;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 use tracing::debug;
 
 use super::{session_parts, DriverParts, Role, Session, SessionConfig, SessionError, SessionInfo};
 
-/// Write buffer under yamux: large enough to coalesce a frame header with a full 16 KiB body.
+/// Write buffer under yamux: the frames of one driver wakeup leave in one write of up to this
+/// much (a full 64 KiB frame bypasses it).
 const WRITE_BUFFER: usize = 64 * 1024;
 /// yamux's default per-stream window.
 const YAMUX_DEFAULT_WINDOW: usize = 256 * 1024;
@@ -60,18 +67,63 @@ where
         Role::Agent => ::yamux::Mode::Client,
         Role::Proxy => ::yamux::Mode::Server,
     };
-    let io = BufWriter::with_capacity(WRITE_BUFFER, io).compat();
-    let conn = ::yamux::Connection::new(io, yamux_config(cfg), mode);
+    let shared = Arc::new(Mutex::new(BufWriter::with_capacity(WRITE_BUFFER, io)));
+    let conn =
+        ::yamux::Connection::new(BatchedIo(shared.clone()).compat(), yamux_config(cfg), mode);
     let (session, parts) = session_parts(info, cfg);
-    tokio::spawn(drive(conn, parts));
+    let flush = move |cx: &mut Context<'_>| Pin::new(&mut *lock(&shared)).poll_flush(cx);
+    tokio::spawn(drive(conn, parts, flush));
     session
+}
+
+/// The connection's byte stream as yamux sees it: reads pass through, writes go into a buffer,
+/// and `flush` does nothing, since yamux flushes after every frame. The driver owns the real
+/// flush (see [`drive`]). Only the driver task touches it, so the lock is never contended.
+struct BatchedIo<T>(Arc<Mutex<BufWriter<T>>>);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing can be left half-done by a panic while holding it: take it anyway.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for BatchedIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *lock(&self.0)).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for BatchedIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *lock(&self.0)).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Flushes what is buffered first.
+        Pin::new(&mut *lock(&self.0)).poll_shutdown(cx)
+    }
 }
 
 /// The driver: polls the connection for inbound streams and I/O, serves open requests, and
 /// closes the connection when asked. Marks the session closed when it ends.
-async fn drive<T>(mut conn: ::yamux::Connection<T>, mut parts: DriverParts)
+///
+/// Once yamux has nothing more to do in a wakeup, the driver calls `flush`: everything yamux
+/// wrote in that wakeup goes out in one write (one TLS record per 16 KiB, one syscall).
+async fn drive<T, F>(mut conn: ::yamux::Connection<T>, mut parts: DriverParts, mut flush: F)
 where
     T: futures::AsyncRead + futures::AsyncWrite + Unpin,
+    F: FnMut(&mut Context<'_>) -> Poll<io::Result<()>>,
 {
     let mut pending: std::collections::VecDeque<super::OpenRequest> = Default::default();
     // Kept across polls so that a close() from a handle wakes the driver.
@@ -109,8 +161,14 @@ where
                 Poll::Ready(Some(Ok(stream))) => parts.deliver(Box::new(stream.compat())),
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.to_string())),
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => break,
             }
+        }
+        // Pending: yamux is waiting for the socket or for its streams. Send what it wrote; a
+        // full socket registers this task's waker, and yamux stops at a full buffer meanwhile.
+        match flush(cx) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e.to_string())),
+            Poll::Ready(Ok(())) | Poll::Pending => Poll::Pending,
         }
     })
     .await;
