@@ -11,8 +11,15 @@
 //! Every token has a unique id (`jti`) for revocation, an issue time, and an optional expiry.
 //! Verification checks the signature first (Ed25519 verification does not branch on secret
 //! data), then expiry, kind and revocation. The signing key file is PKCS#8 PEM, written 0600.
+//!
+//! Callers of the kube gateway send their token with every request, and an Ed25519
+//! verification costs tens of microseconds, more than the rest of a request's work in the
+//! proxy. So a [`TokenVerifier`] remembers the claims of tokens whose signature it has checked
+//! ([`VERIFIED_CACHE`] of them at most, keyed by the token's SHA-256): a repeated token skips
+//! only the signature check; expiry, kind and revocation are checked on every call.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::rand::SystemRandom;
@@ -25,6 +32,10 @@ use crate::name::validate_cluster_name;
 
 /// Tokens longer than this are refused before any parsing.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+
+/// Most tokens whose verified claims a [`TokenVerifier`] keeps; when full, it starts over.
+/// Only tokens with a good signature get in, so a flood of forged tokens cannot fill it.
+pub const VERIFIED_CACHE: usize = 4096;
 
 /// Which role a token grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,15 +262,20 @@ impl SigningKey {
         TokenVerifier {
             public_key: self.pair.public_key().as_ref().to_vec(),
             revoked: HashSet::new(),
+            verified: Default::default(),
         }
     }
 }
 
 /// Verifies tokens against the proxy's public key and a revocation list.
+///
+/// Clones share one cache of verified signatures (see the [module docs](self)).
 #[derive(Debug, Clone)]
 pub struct TokenVerifier {
     public_key: Vec<u8>,
     revoked: HashSet<String>,
+    /// SHA-256 of a token whose signature verified → its claims.
+    verified: Arc<Mutex<HashMap<[u8; 32], Arc<Claims>>>>,
 }
 
 impl TokenVerifier {
@@ -279,6 +295,49 @@ impl TokenVerifier {
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::Malformed("longer than 8 KiB"));
         }
+        let key: [u8; 32] = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes())
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes");
+        let cached = self.cache().get(&key).cloned();
+        let claims = match cached {
+            Some(claims) => claims,
+            None => {
+                let claims = Arc::new(self.verify_signature(token)?);
+                let mut cache = self.cache();
+                if cache.len() >= VERIFIED_CACHE {
+                    cache.clear();
+                }
+                cache.insert(key, claims.clone());
+                claims
+            }
+        };
+        if let Some(exp) = claims.exp {
+            if now >= exp {
+                return Err(TokenError::Expired { expired_at: exp });
+            }
+        }
+        if claims.kind != kind {
+            return Err(TokenError::WrongKind {
+                expected: kind,
+                found: claims.kind,
+            });
+        }
+        if self.revoked.contains(&claims.jti) {
+            return Err(TokenError::Revoked {
+                jti: claims.jti.clone(),
+            });
+        }
+        Ok(Claims::clone(&claims))
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<Claims>>> {
+        // The map is valid whatever a panicking holder was doing: take it anyway.
+        self.verified.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Parses `token` and checks its signature; returns its claims, not yet checked.
+    fn verify_signature(&self, token: &str) -> Result<Claims, TokenError> {
         let mut parts = token.split('.');
         let (Some(h), Some(c), Some(s), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -300,26 +359,11 @@ impl TokenVerifier {
         UnparsedPublicKey::new(&ED25519, &self.public_key)
             .verify(signed.as_bytes(), &sig)
             .map_err(|_| TokenError::BadSignature)?;
-        let claims: Claims = serde_json::from_slice(
+        serde_json::from_slice(
             &B64.decode(c)
                 .map_err(|_| TokenError::Malformed("claims are not base64url"))?,
         )
-        .map_err(|_| TokenError::Malformed("claims are not the expected JSON"))?;
-        if let Some(exp) = claims.exp {
-            if now >= exp {
-                return Err(TokenError::Expired { expired_at: exp });
-            }
-        }
-        if claims.kind != kind {
-            return Err(TokenError::WrongKind {
-                expected: kind,
-                found: claims.kind,
-            });
-        }
-        if self.revoked.contains(&claims.jti) {
-            return Err(TokenError::Revoked { jti: claims.jti });
-        }
-        Ok(claims)
+        .map_err(|_| TokenError::Malformed("claims are not the expected JSON"))
     }
 }
 
@@ -438,6 +482,63 @@ mod tests {
             v.verify(&token, TokenKind::Agent),
             Err(TokenError::Revoked { .. })
         ));
+    }
+
+    #[test]
+    fn a_remembered_token_is_still_checked_for_expiry_kind_and_revocation() {
+        let key = SigningKey::generate().unwrap();
+        let claims =
+            Claims::client("u", vec![], vec!["*".into()], Some(Duration::from_secs(60))).unwrap();
+        let token = key.mint(&claims);
+        let v = key.verifier();
+        // First call verifies the signature and remembers it; the rest hit the cache.
+        for _ in 0..2 {
+            assert_eq!(
+                v.verify_at(&token, TokenKind::Client, claims.iat),
+                Ok(claims.clone())
+            );
+        }
+        assert_eq!(v.cache().len(), 1);
+        assert!(matches!(
+            v.verify_at(&token, TokenKind::Client, claims.iat + 60),
+            Err(TokenError::Expired { .. })
+        ));
+        assert!(matches!(
+            v.verify_at(&token, TokenKind::Agent, claims.iat),
+            Err(TokenError::WrongKind { .. })
+        ));
+        // A clone shares the cache, and its revocation list still applies.
+        let mut revoking = v.clone();
+        revoking.set_revoked([claims.jti.clone()].into());
+        assert!(matches!(
+            revoking.verify_at(&token, TokenKind::Client, claims.iat),
+            Err(TokenError::Revoked { .. })
+        ));
+        // A forged token is never remembered, however often it comes.
+        let parts: Vec<&str> = token.split('.').collect();
+        let forged_claims = B64.encode(
+            serde_json::to_vec(&Claims::client("root", vec![], vec!["*".into()], None).unwrap())
+                .unwrap(),
+        );
+        let forged = format!("{}.{}.{}", parts[0], forged_claims, parts[2]);
+        for _ in 0..2 {
+            assert_eq!(
+                v.verify(&forged, TokenKind::Client),
+                Err(TokenError::BadSignature)
+            );
+        }
+        assert_eq!(v.cache().len(), 1);
+    }
+
+    #[test]
+    fn the_cache_stays_bounded() {
+        let key = SigningKey::generate().unwrap();
+        let v = key.verifier();
+        for _ in 0..VERIFIED_CACHE + 10 {
+            let token = key.mint(&Claims::agent("a", None).unwrap());
+            assert!(v.verify(&token, TokenKind::Agent).is_ok());
+        }
+        assert!(v.cache().len() <= VERIFIED_CACHE);
     }
 
     #[test]
