@@ -179,8 +179,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for AwaitReply<S> {
                         this.settle(outcome);
                         continue;
                     }
-                    let mut chunk = [0u8; 1024];
-                    let mut rb = ReadBuf::new(&mut chunk);
+                    let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+                    let mut rb = ReadBuf::uninit(&mut chunk);
                     match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
                         Poll::Ready(Ok(())) if rb.filled().is_empty() => {
                             this.settle(Err(ReplyError::Protocol(

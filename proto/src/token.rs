@@ -410,8 +410,13 @@ pub fn pattern_matches(pattern: &str, name: &str) -> bool {
 
 /// A random 128-bit id, hex encoded.
 pub fn random_id() -> String {
+    use std::fmt::Write;
     let bytes: [u8; 16] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let mut id = String::with_capacity(32);
+    for b in bytes {
+        let _ = write!(id, "{b:02x}");
+    }
+    id
 }
 
 /// Seconds since the Unix epoch.
