@@ -22,19 +22,16 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     tether_proto::process::init_logging(&cli.log_format);
     let settings = cli.agent.resolve()?;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(async move {
-            let shutdown = CancellationToken::new();
-            let signal = shutdown.clone();
-            tokio::spawn(async move {
-                tether_proto::process::shutdown_signal().await;
-                tracing::info!("shutdown requested");
-                signal.cancel();
-            });
-            tether_agent::dialer::run(settings, shutdown).await?;
-            tracing::info!("tether-agent stopped");
-            Ok(())
-        })
+    tether_proto::process::runtime()?.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            tether_proto::process::shutdown_signal().await;
+            tracing::info!("shutdown requested");
+            signal.cancel();
+        });
+        tether_agent::dialer::run(settings, shutdown).await?;
+        tracing::info!("tether-agent stopped");
+        Ok(())
+    })
 }

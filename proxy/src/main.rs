@@ -213,10 +213,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let settings = args.resolve()?;
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(serve::run(settings))
+            tether_proto::process::runtime()?.block_on(serve::run(settings))
         }
         Command::Init {
             state_dir,
