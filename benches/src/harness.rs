@@ -131,7 +131,7 @@ fn free_port() -> Result<SocketAddr> {
 }
 
 /// Spawns `cmd` with its stdout and stderr in `log`, dying with this process.
-fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Result<Proc> {
+pub fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Result<Proc> {
     let out = std::fs::File::create(&log)?;
     cmd.stdin(Stdio::null())
         .stdout(out.try_clone()?)

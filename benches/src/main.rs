@@ -7,11 +7,13 @@
 //! - `bulk`: throughput of 1 and 8 parallel streams into a sink;
 //! - `rtt`: 64-byte request/response on an open connection;
 //! - `connect`: new connection to first byte back, sequential and 16 in flight;
-//! - `http`: HTTP/1.1 GET of a 1 KiB object on 64 keep-alive connections;
-//! - `gateway`: the same GET through the kube gateway (`https://FRONT/clusters/NAME/object`
+//! - `http`: HTTP/1.1 GET of a 1 KiB and of a 1 MiB object on 64 keep-alive connections;
+//! - `gateway`: the same GETs through the kube gateway (`https://FRONT/clusters/NAME/object`
 //!   with a bearer token; the agent forwards it over HTTPS to the upstream), against HTTPS
 //!   straight to the upstream;
-//! - `idle`: resident memory of proxy + agent per idle tunneled connection.
+//! - `idle`: resident memory of proxy + agent per idle tunneled connection;
+//! - `scale`: 10,000 streams on one agent session and 1,000 agent sessions on one proxy, with
+//!   their memory, on fresh processes of their own (see `scale.rs`).
 //!
 //! Tunnel runs go through the proxy's `--expose` listener (the peers' topology); bulk and RTT
 //! also through TLS + `CONNECT` on the front. The results are printed as a table, with the
@@ -25,6 +27,7 @@ mod http;
 mod idle;
 mod report;
 mod rtt;
+mod scale;
 mod stats;
 mod upstream;
 
@@ -56,6 +59,7 @@ enum Case {
     Http,
     Gateway,
     Idle,
+    Scale,
 }
 
 /// tether-bench: throughput, latency, connection rate and memory of tether against a direct
@@ -77,7 +81,7 @@ struct Cli {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "bulk,rtt,connect,http,gateway,idle"
+        default_value = "bulk,rtt,connect,http,gateway,idle,scale"
     )]
     cases: Vec<Case>,
     /// Bytes per bulk run, split among its streams [default: 2 GiB, quick 64 MiB].
@@ -101,6 +105,9 @@ struct Cli {
     /// Keep-alive connections in the HTTP run.
     #[arg(long, default_value_t = 64)]
     http_conns: usize,
+    /// Seconds per HTTP run of the 1 MiB object [default: 5, quick 1].
+    #[arg(long)]
+    http_1m_secs: Option<f64>,
     /// How the agent reaches the proxy: tls (TLS + the default multiplexer, yamux), h2 (TLS +
     /// HTTP/2) or quic.
     #[arg(long, value_enum, default_value = "tls")]
@@ -117,6 +124,18 @@ struct Cli {
     /// Idle connections in the memory run [default: 1000, quick 100].
     #[arg(long)]
     idle_conns: Option<usize>,
+    /// Streams held open on one agent session in the scale case; 0 skips
+    /// [default: 10000, quick 1000].
+    #[arg(long)]
+    scale_streams: Option<usize>,
+    /// Agent sessions connected to one proxy in the scale case; 0 skips
+    /// [default: 1000, quick 100].
+    #[arg(long)]
+    scale_agents: Option<usize>,
+    /// Internal: serve the upstream in this process and print its address (the scale case
+    /// runs its upstream as a child process this way).
+    #[arg(long, hide = true)]
+    serve_upstream: bool,
 }
 
 /// Sizes, counts and time caps of one run.
@@ -133,7 +152,11 @@ struct Profile {
     conn_cap_s: u64,
     http_secs: f64,
     http_conns: usize,
+    http_1m_secs: f64,
     idle_conns: usize,
+    scale_streams: usize,
+    scale_agents: usize,
+    scale_cap_s: u64,
     watchdog_s: u64,
 }
 
@@ -158,10 +181,23 @@ impl Profile {
                 .unwrap_or(if q { 1.0 } else { 10.0 })
                 .clamp(0.1, 120.0),
             http_conns: cli.http_conns.clamp(1, 4096),
+            http_1m_secs: cli
+                .http_1m_secs
+                .unwrap_or(if q { 1.0 } else { 5.0 })
+                .clamp(0.1, 120.0),
             idle_conns: cli
                 .idle_conns
                 .unwrap_or(if q { 100 } else { 1_000 })
                 .clamp(1, 8192),
+            scale_streams: cli
+                .scale_streams
+                .unwrap_or(if q { 1_000 } else { 10_000 })
+                .min(100_000),
+            scale_agents: cli
+                .scale_agents
+                .unwrap_or(if q { 100 } else { 1_000 })
+                .min(10_000),
+            scale_cap_s: if q { 60 } else { 120 },
             watchdog_s: if q { 180 } else { 600 },
         }
     }
@@ -177,6 +213,9 @@ struct Ctx {
     direct_tls: Route,
     gateway: Route,
     profile: Profile,
+    /// The scale case starts its own proxy and agent; the soft open-files limit.
+    scale: scale::Setup,
+    nofile: u64,
 }
 
 impl Ctx {
@@ -245,6 +284,11 @@ fn main() -> std::process::ExitCode {
 
 /// Runs the selected cases; `Ok(false)` when some case failed.
 async fn run(cli: Cli) -> Result<bool> {
+    // The scale case holds 10,000 sockets per process: soft limit up to the hard one.
+    let nofile = scale::raise_nofile_limit()?;
+    if cli.serve_upstream {
+        return scale::serve_upstream().await.map(|()| true);
+    }
     let profile = Profile::from_cli(&cli);
     let exe_dir = std::env::current_exe()?
         .parent()
@@ -305,6 +349,14 @@ async fn run(cli: Cli) -> Result<bool> {
         gateway: Route::Gateway(front),
         tunnel,
         profile,
+        scale: scale::Setup {
+            bin_dir: bin_dir.clone(),
+            transport: cli.transport,
+            proxy_args: cli.proxy_args.clone(),
+            agent_args: cli.agent_args.clone(),
+            keep_logs: cli.keep_logs,
+        },
+        nofile,
     };
     let mut ctx = ctx;
 
@@ -319,6 +371,7 @@ async fn run(cli: Cli) -> Result<bool> {
         Case::Bulk,
         Case::Http,
         Case::Gateway,
+        Case::Scale,
     ] {
         if !cli.cases.contains(&case) {
             continue;
@@ -333,6 +386,7 @@ async fn run(cli: Cli) -> Result<bool> {
             Case::Bulk => case_bulk(&ctx).await,
             Case::Http => case_http(&ctx).await,
             Case::Gateway => case_gateway(&ctx).await,
+            Case::Scale => scale::case(&ctx.scale, &ctx.profile, ctx.nofile).await,
         };
         let result = result.and_then(|r| ctx.tunnel.check_alive().map(|()| r));
         match result {
@@ -663,11 +717,13 @@ fn median_by<T>(items: &[T], key: impl Fn(&T) -> f64) -> &T {
 async fn case_http(ctx: &Ctx) -> CaseResult {
     let p = &ctx.profile;
     let dur = Duration::from_secs_f64(p.http_secs);
-    let direct = http::run(&ctx.direct, p.http_conns, dur).await?;
-    let (t, usage) = ctx.usage(http::run(&ctx.expose, p.http_conns, dur)).await?;
+    let direct = http::run(&ctx.direct, http::OBJECT_1K, p.http_conns, dur).await?;
+    let (t, usage) = ctx
+        .usage(http::run(&ctx.expose, http::OBJECT_1K, p.http_conns, dur))
+        .await?;
     let c = p.http_conns;
     let (d, l) = (&direct.latency, &t.latency);
-    let rows = vec![
+    let mut rows = vec![
         Row::new(
             format!("http GET 1 KiB, {c} conns, rate"),
             "expose",
@@ -703,19 +759,28 @@ async fn case_http(ctx: &Ctx) -> CaseResult {
             direct.errors, t.errors
         );
     }
-    Ok((rows, serde_json::to_value([direct, t])?))
+    let (r, [d1m, t1m]) = http::rows_1m(
+        ctx,
+        "http",
+        &ctx.direct,
+        &ctx.expose,
+        PEER_BULK * PEER_FACTOR,
+    )
+    .await?;
+    rows.extend(r);
+    Ok((rows, serde_json::to_value([direct, t, d1m, t1m])?))
 }
 
 async fn case_gateway(ctx: &Ctx) -> CaseResult {
     let p = &ctx.profile;
     let dur = Duration::from_secs_f64(p.http_secs);
-    let direct = http::run(&ctx.direct_tls, p.http_conns, dur).await?;
+    let direct = http::run(&ctx.direct_tls, http::OBJECT_1K, p.http_conns, dur).await?;
     let (t, usage) = ctx
-        .usage(http::run(&ctx.gateway, p.http_conns, dur))
+        .usage(http::run(&ctx.gateway, http::OBJECT_1K, p.http_conns, dur))
         .await?;
     let c = p.http_conns;
     let (d, l) = (&direct.latency, &t.latency);
-    let rows = vec![
+    let mut rows = vec![
         Row::new(
             format!("kube gateway GET 1 KiB, {c} conns, rate"),
             "gateway",
@@ -751,5 +816,15 @@ async fn case_gateway(ctx: &Ctx) -> CaseResult {
             direct.errors, t.errors
         );
     }
-    Ok((rows, serde_json::to_value([direct, t])?))
+    // Held, like the 1 KiB GET, to 1.0x the best encrypted peer's share (here of bulk).
+    let (r, [d1m, t1m]) = http::rows_1m(
+        ctx,
+        "kube gateway",
+        &ctx.direct_tls,
+        &ctx.gateway,
+        PEER_BULK,
+    )
+    .await?;
+    rows.extend(r);
+    Ok((rows, serde_json::to_value([direct, t, d1m, t1m])?))
 }

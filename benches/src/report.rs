@@ -25,6 +25,8 @@ pub enum Target {
     AddedAtMost(f64),
     /// tunnel ≤ this.
     AtMost(f64),
+    /// tunnel ≥ this (counts: streams, sessions).
+    AtLeast(f64),
 }
 
 impl Target {
@@ -33,6 +35,7 @@ impl Target {
             Target::RatioAtLeast(p) => format!(">= {p:.0}%"),
             Target::AddedAtMost(v) => format!("<= +{v:.0} {unit}"),
             Target::AtMost(v) => format!("<= {v:.0} {unit}"),
+            Target::AtLeast(v) => format!(">= {v:.0} {unit}"),
         }
     }
 }
@@ -89,6 +92,7 @@ impl Row {
             Target::RatioAtLeast(p) => delta.is_some_and(|r| r >= p),
             Target::AddedAtMost(v) => delta.is_some_and(|a| a <= v),
             Target::AtMost(v) => tunnel <= v,
+            Target::AtLeast(v) => tunnel >= v,
         });
         Row {
             case: case.into(),

@@ -7,7 +7,8 @@
 //!   writes back the 8-byte count it received.
 //! - `E`: **echo**. Writes back every byte it reads, the `E` included, until end of stream.
 //! - `G`: **HTTP/1.1** (the `G` of `GET`). Answers every request on the keep-alive
-//!   connection with `200 OK` and a fixed 1 KiB body.
+//!   connection with `200 OK` and a fixed body: 1 MiB when the path ends in [`PATH_1M`]
+//!   (`/object-1m`), else 1 KiB.
 //!
 //! - `0x16` (a TLS handshake record): **HTTPS**. TLS 1.3 with a certificate for `127.0.0.1`
 //!   and `localhost` from a CA generated at start ([`Upstream::ca_pem`]), then the same
@@ -34,6 +35,9 @@ pub const MODE_ECHO: u8 = b'E';
 const MODE_TLS: u8 = 0x16;
 /// Size of the HTTP response body.
 pub const HTTP_BODY: usize = 1024;
+/// Path (last segment) of the large object, and its size.
+pub const PATH_1M: &str = "object-1m";
+pub const HTTP_BODY_1M: usize = 1 << 20;
 /// Largest HTTP request head the server accepts.
 const MAX_HEAD: usize = 16 * 1024;
 /// Read buffer of the sink.
@@ -60,7 +64,10 @@ pub async fn start() -> Result<Upstream> {
     let addr = listener.local_addr()?;
     let stop = Arc::new(Notify::new());
     let stopped = stop.clone();
-    let response: Arc<[u8]> = http_response().into();
+    let response = Responses {
+        small: http_response(HTTP_BODY).into(),
+        large: http_response(HTTP_BODY_1M).into(),
+    };
     let ca = tether_proto::tls::CertificateAuthority::generate("bench upstream")
         .context("generating the upstream CA")?;
     let leaf = ca
@@ -97,19 +104,41 @@ pub async fn start() -> Result<Upstream> {
     })
 }
 
-/// The fixed HTTP response: headers and a 1 KiB body.
-fn http_response() -> Vec<u8> {
+/// The two fixed HTTP responses (headers and body), built once.
+#[derive(Clone)]
+struct Responses {
+    small: Arc<[u8]>,
+    large: Arc<[u8]>,
+}
+
+impl Responses {
+    /// The answer to the request whose head is `head`: the large object when the path's last
+    /// segment is [`PATH_1M`].
+    fn for_head(&self, head: &[u8]) -> &[u8] {
+        let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+        let path = line.split(|&b| b == b' ').nth(1).unwrap_or_default();
+        let path = path.split(|&b| b == b'?').next().unwrap_or_default();
+        if path.ends_with(PATH_1M.as_bytes()) {
+            &self.large
+        } else {
+            &self.small
+        }
+    }
+}
+
+/// A fixed HTTP response: headers and a body of `len` bytes.
+fn http_response(len: usize) -> Vec<u8> {
     let mut r = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {HTTP_BODY}\r\n\r\n"
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n\r\n"
     )
     .into_bytes();
-    r.extend((0..HTTP_BODY).map(|i| b'a' + (i % 26) as u8));
+    r.extend((0..len).map(|i| b'a' + (i % 26) as u8));
     r
 }
 
 async fn serve(
     mut tcp: TcpStream,
-    response: Arc<[u8]>,
+    response: Responses,
     acceptor: TlsAcceptor,
 ) -> std::io::Result<()> {
     tcp.set_nodelay(true)?;
@@ -168,22 +197,19 @@ async fn echo(mut tcp: TcpStream) -> std::io::Result<()> {
 async fn http<S: AsyncRead + AsyncWrite + Unpin>(
     mut tcp: S,
     mut buf: Vec<u8>,
-    response: Arc<[u8]>,
+    response: Responses,
 ) -> std::io::Result<()> {
     let mut chunk = [0u8; 4096];
     loop {
         // Answer every complete request head in the buffer.
-        let mut answered = 0;
         let mut start = 0;
         while let Some(end) = find_head_end(&buf[start..]) {
+            tcp.write_all(response.for_head(&buf[start..start + end]))
+                .await?;
             start += end;
-            answered += 1;
         }
-        if answered > 0 {
+        if start > 0 {
             buf.drain(..start);
-            for _ in 0..answered {
-                tcp.write_all(&response).await?;
-            }
             // A TLS stream may hold the records back until flushed.
             tcp.flush().await?;
         }
@@ -227,7 +253,7 @@ mod tests {
         c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
-        let one = http_response().len();
+        let one = http_response(HTTP_BODY).len();
         let mut back = vec![0u8; 2 * one];
         c.read_exact(&mut back).await.unwrap();
         assert!(back.starts_with(b"HTTP/1.1 200 OK\r\n"));
@@ -247,5 +273,20 @@ mod tests {
         let mut back = vec![0u8; one];
         c.read_exact(&mut back).await.unwrap();
         assert!(back.starts_with(b"HTTP/1.1 200 OK\r\n"));
+        // The large object, over HTTPS, then a small one on the same connection.
+        c.write_all(
+            b"GET /clusters/x/object-1m HTTP/1.1\r\nHost: x\r\n\r\nGET /object HTTP/1.1\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        c.flush().await.unwrap();
+        let big = http_response(HTTP_BODY_1M).len();
+        let mut back = vec![0u8; big + one];
+        c.read_exact(&mut back).await.unwrap();
+        assert!(back.starts_with(b"HTTP/1.1 200 OK\r\n"));
+        assert!(std::str::from_utf8(&back[..200])
+            .unwrap()
+            .contains(&format!("Content-Length: {HTTP_BODY_1M}\r\n")));
+        assert!(back[big..].starts_with(b"HTTP/1.1 200 OK\r\n"));
     }
 }
