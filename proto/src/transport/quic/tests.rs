@@ -243,14 +243,14 @@ fn config_checks_and_derivations() {
     assert_eq!(q.keep_alive, Duration::from_secs(1));
     let q = QuicConfig::for_heartbeat(Duration::from_millis(300));
     assert!(q.keep_alive < q.idle_timeout);
-    let t = transport_config(&SessionConfig::default(), &q);
+    let t = transport_config(&SessionConfig::default(), &q, Role::Proxy);
     assert!(t.is_ok());
     let bad = QuicConfig {
         idle_timeout: Duration::from_secs(1),
         keep_alive: Duration::from_secs(2),
         reset_secret: None,
     };
-    assert!(transport_config(&SessionConfig::default(), &bad).is_err());
+    assert!(transport_config(&SessionConfig::default(), &bad, Role::Proxy).is_err());
     // The reset secret is stable for the same material and differs for another.
     assert_eq!(ResetSecret::derive(b"k").0, ResetSecret::derive(b"k").0);
     assert_ne!(ResetSecret::derive(b"k").0, ResetSecret::derive(b"l").0);
