@@ -126,12 +126,12 @@ pub struct Tunnel {
 }
 
 /// A free port on 127.0.0.1 (bound then released; the proxy binds it right after).
-fn free_port() -> Result<SocketAddr> {
+pub fn free_port() -> Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 /// Spawns `cmd` with its stdout and stderr in `log`, dying with this process.
-fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Result<Proc> {
+pub fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Result<Proc> {
     let out = std::fs::File::create(&log)?;
     cmd.stdin(Stdio::null())
         .stdout(out.try_clone()?)
