@@ -28,6 +28,9 @@ pub enum Route {
     Direct(SocketAddr),
     /// Plain TCP to the proxy's `--expose` listener, spliced through the tunnel.
     Expose(SocketAddr),
+    /// Plain TCP to a peer tunnel's public port (rathole, `ssh -R`, ferrotunnel; see
+    /// `peers.rs`): the same topology as [`Route::Expose`]. Named after the peer.
+    Peer(&'static str, SocketAddr),
     /// TLS to the proxy's front, then `CONNECT cluster:443` with a client token.
     Connect(Arc<ConnectRoute>),
     /// TLS straight to the upstream's HTTPS mode (server name `127.0.0.1`).
@@ -51,6 +54,7 @@ impl Route {
         match self {
             Route::Direct(_) => "direct",
             Route::Expose(_) => "expose",
+            Route::Peer(name, _) => name,
             Route::Connect(_) => "connect",
             Route::DirectTls(..) => "direct-tls",
             Route::Gateway(_) => "gateway",
@@ -81,7 +85,7 @@ impl Route {
 
     async fn dial_inner(&self) -> Result<BoxIo> {
         match self {
-            Route::Direct(addr) | Route::Expose(addr) => {
+            Route::Direct(addr) | Route::Expose(addr) | Route::Peer(_, addr) => {
                 let tcp = TcpStream::connect(addr).await?;
                 tcp.set_nodelay(true)?;
                 Ok(Box::new(tcp))

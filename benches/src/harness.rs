@@ -126,7 +126,7 @@ pub struct Tunnel {
 }
 
 /// A free port on 127.0.0.1 (bound then released; the proxy binds it right after).
-fn free_port() -> Result<SocketAddr> {
+pub fn free_port() -> Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 

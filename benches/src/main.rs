@@ -16,8 +16,10 @@
 //!   their memory, on fresh processes of their own (see `scale.rs`).
 //!
 //! Tunnel runs go through the proxy's `--expose` listener (the peers' topology); bulk and RTT
-//! also through TLS + `CONNECT` on the front. The results are printed as a table, with the
-//! targets of DESIGN.md, and written as JSON.
+//! also through TLS + `CONNECT` on the front. The peer tunnels found installed (rathole with
+//! and without TLS, `ssh -R`, ferrotunnel) run the bulk, rtt, connect and http cases right
+//! after tether, and set tether's targets (`peers.rs`). The results are printed as a table,
+//! with the targets of DESIGN.md, and written as JSON.
 
 mod bulk;
 mod connect;
@@ -25,6 +27,7 @@ mod dial;
 mod harness;
 mod http;
 mod idle;
+mod peers;
 mod report;
 mod rtt;
 mod scale;
@@ -45,7 +48,8 @@ use harness::Tunnel;
 use report::{Compare, Row, Target, Usage};
 
 /// Best encrypted peer (DESIGN.md): share of direct it reaches, in percent; tether's targets
-/// are 1.2× these. The kube gateway is held to 1.0× the HTTP share (rathole-TLS at L4).
+/// are 1.2× these. Used when no encrypted peer runs in this run (see `peers::apply_targets`).
+/// The kube gateway is held to 1.0× the HTTP share (rathole-TLS at L4).
 const PEER_BULK: f64 = 25.0;
 const PEER_HTTP: f64 = 32.0;
 const PEER_CONN: f64 = 35.0;
@@ -136,6 +140,10 @@ struct Cli {
     /// runs its upstream as a child process this way).
     #[arg(long, hide = true)]
     serve_upstream: bool,
+    /// Peer tunnels to compare with, comma-separated: rathole-tls, rathole, ssh, ferrotunnel,
+    /// or none [default: every peer whose programs are found].
+    #[arg(long)]
+    peers: Option<String>,
 }
 
 /// Sizes, counts and time caps of one run.
@@ -221,39 +229,7 @@ struct Ctx {
 impl Ctx {
     /// Runs `f`, returning its result and the CPU the processes and the host used meanwhile.
     async fn usage<T>(&self, f: impl Future<Output = Result<T>>) -> Result<(T, Option<Usage>)> {
-        let sample = || -> Result<_> {
-            Ok((
-                Instant::now(),
-                self.tunnel.cpu()?,
-                harness::cpu_time(std::process::id())?,
-                harness::host_jiffies()?,
-            ))
-        };
-        let before = sample().ok();
-        let out = f.await?;
-        let usage = match (before, sample().ok()) {
-            (Some((t0, (p0, a0), b0, (busy0, tot0))), Some((t1, (p1, a1), b1, (busy1, tot1)))) => {
-                let wall = (t1 - t0).as_secs_f64().max(1e-9);
-                let cpus = std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1);
-                let host_busy = (busy1 - busy0) as f64 / (tot1 - tot0).max(1) as f64;
-                let proxy_cores = (p1 - p0).as_secs_f64() / wall;
-                let agent_cores = (a1 - a0).as_secs_f64() / wall;
-                let bench_cores = (b1 - b0).as_secs_f64() / wall;
-                Some(Usage {
-                    wall_s: wall,
-                    proxy_cores,
-                    agent_cores,
-                    bench_cores,
-                    host_busy_pct: 100.0 * host_busy,
-                    rest_cores: (host_busy * cpus as f64 - proxy_cores - agent_cores - bench_cores)
-                        .max(0.0),
-                })
-            }
-            _ => None,
-        };
-        Ok((out, usage))
+        peers::usage_of(|| self.tunnel.cpu(), f).await
     }
 }
 
@@ -289,7 +265,9 @@ async fn run(cli: Cli) -> Result<bool> {
     if cli.serve_upstream {
         return scale::serve_upstream().await.map(|()| true);
     }
-    let profile = Profile::from_cli(&cli);
+    let mut profile = Profile::from_cli(&cli);
+    let peer_selection = peers::select(cli.peers.as_deref())?;
+    profile.watchdog_s += peers::watchdog_extra(&peer_selection, cli.quick);
     let exe_dir = std::env::current_exe()?
         .parent()
         .context("executable has no directory")?
@@ -359,6 +337,7 @@ async fn run(cli: Cli) -> Result<bool> {
         nofile,
     };
     let mut ctx = ctx;
+    let mut peers = peers::start(peer_selection, upstream.addr, cli.keep_logs).await;
 
     let mut rows = Vec::new();
     let mut details = serde_json::Map::new();
@@ -393,6 +372,11 @@ async fn run(cli: Cli) -> Result<bool> {
             Ok((r, d)) => {
                 rows.extend(r);
                 details.insert(name.clone(), d);
+                let (r, d) = peers::run_case(case, &ctx, &mut peers, &rows).await;
+                rows.extend(r);
+                if !d.is_null() {
+                    details.insert(format!("{name}-peers"), d);
+                }
             }
             Err(e) => {
                 eprintln!("{name} failed: {e:#}");
@@ -406,9 +390,23 @@ async fn run(cli: Cli) -> Result<bool> {
         eprintln!("   {name} took {:.1}s", t0.elapsed().as_secs_f64());
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let targets = peers::apply_targets(&mut rows, PEER_FACTOR);
 
-    let table = report::table(&rows);
+    let tether_rows: Vec<Row> = rows
+        .iter()
+        .filter(|r| !peers::is_peer_route(r.route))
+        .cloned()
+        .collect();
+    let table = report::table(&tether_rows);
     println!("\n{table}");
+    if !targets.text.is_empty() {
+        println!(
+            "peers, same run (value and % of direct; latencies as added us); tether's ratio \
+             targets = max({PEER_FACTOR} x best encrypted peer, rathole without TLS):\n{}",
+            targets.text
+        );
+    }
+    println!("target source: {}", targets.source);
     println!(
         "profile {}, transport {:?}, {:.0}s total, {} CPUs; direct = same upstream without tether \
          (HTTPS for the gateway rows); ratios are tunnel/direct",
@@ -434,6 +432,10 @@ async fn run(cli: Cli) -> Result<bool> {
         "rows": rows,
         "details": details,
         "errors": errors,
+        "targetSource": targets.source,
+        "peers": peers.json(&ctx.profile),
+        "peerComparison": targets.comparison,
+        "peerErrors": peers.errors,
     });
     if let Some(dir) = json_path.parent() {
         std::fs::create_dir_all(dir).ok();
