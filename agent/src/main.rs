@@ -14,6 +14,9 @@ struct Cli {
     /// Log format: text or json.
     #[arg(long, env = "TETHER_LOG_FORMAT", default_value = "text")]
     log_format: String,
+    /// Threads running the agent's tasks [default: one per CPU].
+    #[arg(long, env = "TETHER_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     #[command(flatten)]
     agent: AgentArgs,
 }
@@ -22,7 +25,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     tether_proto::process::init_logging(&cli.log_format);
     let settings = cli.agent.resolve()?;
-    tether_proto::process::runtime()?.block_on(async move {
+    tether_proto::process::runtime(cli.worker_threads)?.block_on(async move {
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone();
         tokio::spawn(async move {

@@ -1334,6 +1334,75 @@ pub fn apply_targets(rows: &mut [Row], factor: f64) -> Targets {
         });
         lines.push(line);
     }
+    // The kube gateway: at least the req/s rathole-TLS manages at plain L4 (1 KiB) in this run,
+    // written as a share of the gateway's own (HTTPS) direct figure.
+    let l4 = rows
+        .iter()
+        .find(|p| {
+            p.route == PeerKind::RatholeTls.name()
+                && p.case.starts_with("http GET 1 KiB,")
+                && p.case.ends_with(", rate")
+        })
+        .map(|p| p.tunnel);
+    if let Some(rathole_tls) = l4 {
+        for r in rows.iter_mut() {
+            if r.route == "gateway"
+                && r.case.starts_with("kube gateway GET 1 KiB,")
+                && r.case.ends_with(", rate")
+            {
+                if let Some(direct) = r.direct.filter(|d| *d > 0.0) {
+                    let target = Some(Target::RatioAtLeast(100.0 * rathole_tls / direct));
+                    let usage = r.usage;
+                    *r = Row::new(
+                        r.case.clone(),
+                        r.route,
+                        r.unit,
+                        r.direct,
+                        r.tunnel,
+                        r.compare,
+                        target,
+                    )
+                    .with_usage(usage);
+                    comparison.push(json!({
+                        "case": r.case,
+                        "unit": r.unit,
+                        "compare": r.compare,
+                        "direct": r.direct,
+                        "tether": r.tunnel,
+                        "ratholeTlsL4": rathole_tls,
+                        "tetherOverRatholeTlsL4": r.tunnel / rathole_tls,
+                        "target": target,
+                        "targetSource": "1.0x rathole-tls req/s at L4 (http 1 KiB) in this run",
+                    }));
+                    lines.push(
+                        vec![
+                            r.case.clone(),
+                            r.unit.to_string(),
+                            num(direct),
+                            format!("{} ({:.0}%)", num(r.tunnel), r.delta.unwrap_or(0.0)),
+                        ]
+                        .into_iter()
+                        .chain(peer_cols.iter().map(|k| {
+                            if *k == PeerKind::RatholeTls {
+                                format!("{} at L4", num(rathole_tls))
+                            } else {
+                                "-".into()
+                            }
+                        }))
+                        .chain([
+                            format!("{:.2}x rathole-tls L4", r.tunnel / rathole_tls),
+                            format!(
+                                ">= {:.1}% {}",
+                                100.0 * rathole_tls / direct,
+                                if r.meets == Some(true) { "yes" } else { "NO" }
+                            ),
+                        ])
+                        .collect(),
+                    );
+                }
+            }
+        }
+    }
     let source = if from_peers {
         "peers in this run"
     } else if from_reference {

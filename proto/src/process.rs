@@ -1,14 +1,15 @@
 //! What both binaries do the same way as processes: the async runtime (and the allocator
 //! settings it needs), logging set-up and waiting for a shutdown signal.
 
-/// Builds the multi-threaded runtime both binaries run on, after [`tune_allocator`].
-///
-/// One worker thread per CPU; `TOKIO_WORKER_THREADS` overrides the count (tokio reads it).
-pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+/// Builds the multi-threaded runtime both binaries run on, after [`tune_allocator`], with
+/// `workers` threads (default: one per CPU, or `TOKIO_WORKER_THREADS`).
+pub fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     tune_allocator();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n.max(1));
+    }
+    builder.enable_all().build()
 }
 
 /// glibc's allocator gives the top of its heap back to the kernel as soon as more than

@@ -21,6 +21,9 @@ struct Cli {
     /// Log format: text or json.
     #[arg(long, env = "TETHER_LOG_FORMAT", default_value = "text", global = true)]
     log_format: String,
+    /// Threads running the proxy's tasks [default: one per CPU].
+    #[arg(long, env = "TETHER_WORKER_THREADS", global = true)]
+    worker_threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -213,7 +216,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let settings = args.resolve()?;
-            tether_proto::process::runtime()?.block_on(serve::run(settings))
+            tether_proto::process::runtime(cli.worker_threads)?.block_on(serve::run(settings))
         }
         Command::Init {
             state_dir,
