@@ -37,6 +37,8 @@ const YAMUX_DEFAULT_WINDOW: usize = 256 * 1024;
 const SPLIT_SEND_SIZE: usize = 64 * 1024;
 /// Connection window beyond the streams' default windows, for auto-tuned stream windows.
 const WINDOW_HEADROOM: usize = 256 * 1024 * 1024;
+/// Most bytes asked of a yamux stream per read (see [`YamuxStream`]).
+const READ_CHUNK: usize = 64 * 1024;
 /// Headroom between our stream limit and yamux's, which would kill the connection.
 const YAMUX_STREAM_HEADROOM: usize = 256;
 
@@ -115,6 +117,48 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for BatchedIo<T> {
     }
 }
 
+/// A yamux stream as a tokio reader and writer.
+///
+/// yamux streams are `futures-io` readers, which need initialised memory; tokio-util's compat
+/// adapter zeroes the whole unfilled part of the caller's buffer before every read (hyper's
+/// read buffer, a splice buffer: up to hundreds of KiB per read, for a frame of one KiB). This
+/// asks for at most [`READ_CHUNK`] bytes per read, so at most that much is zeroed, and nothing
+/// when the caller's memory is initialised already.
+struct YamuxStream(tokio_util::compat::Compat<::yamux::Stream>);
+
+impl AsyncRead for YamuxStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let want = buf.remaining().min(READ_CHUNK);
+        let mut chunk = ReadBuf::new(buf.initialize_unfilled_to(want));
+        std::task::ready!(Pin::new(&mut self.0).poll_read(cx, &mut chunk))?;
+        let n = chunk.filled().len();
+        buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for YamuxStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
 /// The driver: polls the connection for inbound streams and I/O, serves open requests, and
 /// closes the connection when asked. Marks the session closed when it ends.
 ///
@@ -149,7 +193,7 @@ where
                 Poll::Ready(Ok(stream)) => {
                     let req = pending.pop_front().expect("not empty");
                     // A requester that gave up drops the stream, which closes it.
-                    let _ = req.send(Ok(Box::new(stream.compat())));
+                    let _ = req.send(Ok(Box::new(YamuxStream(stream.compat()))));
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_string())),
                 Poll::Pending => break,
@@ -158,7 +202,9 @@ where
         // Inbound streams; this also drives all reading and writing of the connection.
         loop {
             match conn.poll_next_inbound(cx) {
-                Poll::Ready(Some(Ok(stream))) => parts.deliver(Box::new(stream.compat())),
+                Poll::Ready(Some(Ok(stream))) => {
+                    parts.deliver(Box::new(YamuxStream(stream.compat())))
+                }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.to_string())),
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
                 Poll::Pending => break,
