@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 
 use crate::dial::{dial_echo, Route};
 use crate::harness::{self, Proc, TempDir};
-use crate::report::{Compare, Row, Target, Usage};
+use crate::report::{num, Compare, Row, Target, Usage};
 use crate::{bulk, connect, http, median_by, rtt, Case, Ctx, Profile};
 
 /// Longest a peer may take from spawn to forwarding an echo exchange.
@@ -1434,61 +1434,11 @@ pub fn apply_targets(rows: &mut [Row], factor: f64) -> Targets {
     }
 }
 
-/// Formats a number with a sensible precision for its size.
-fn num(v: f64) -> String {
-    if v.abs() >= 100.0 {
-        format!("{v:.0}")
-    } else if v.abs() >= 10.0 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.2}")
-    }
-}
-
 /// A fixed-width Markdown table; the first two columns left-aligned.
 fn text_table(header: Vec<String>, lines: Vec<Vec<String>>) -> String {
     let mut cells = vec![header];
     cells.extend(lines);
-    let cols = cells[0].len();
-    let widths: Vec<usize> = (0..cols)
-        .map(|i| {
-            cells
-                .iter()
-                .map(|c| c.get(i).map_or(0, |s| s.chars().count()))
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for (n, row) in cells.iter().enumerate() {
-        let line: Vec<String> = (0..cols)
-            .map(|i| {
-                let c = row.get(i).map(String::as_str).unwrap_or("");
-                let pad = " ".repeat(widths[i] - c.chars().count());
-                if i < 2 {
-                    format!("{c}{pad}")
-                } else {
-                    format!("{pad}{c}")
-                }
-            })
-            .collect();
-        out.push_str(&format!("| {} |\n", line.join(" | ")));
-        if n == 0 {
-            let sep: Vec<String> = widths
-                .iter()
-                .enumerate()
-                .map(|(i, w)| {
-                    if i < 2 {
-                        "-".repeat(w + 2)
-                    } else {
-                        format!("{}:", "-".repeat(w + 1))
-                    }
-                })
-                .collect();
-            out.push_str(&format!("|{}|\n", sep.join("|")));
-        }
-    }
-    out
+    crate::report::markdown_table(cells, 2)
 }
 
 #[cfg(test)]

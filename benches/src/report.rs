@@ -115,7 +115,8 @@ impl Row {
 }
 
 /// Formats a number with a sensible precision for its size.
-fn num(v: f64) -> String {
+/// Formats a number with a sensible precision for its size.
+pub fn num(v: f64) -> String {
     if v.abs() >= 100.0 {
         format!("{v:.0}")
     } else if v.abs() >= 10.0 {
@@ -169,27 +170,32 @@ pub fn table(rows: &[Row]) -> String {
             },
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
+    markdown_table(cells, 3)
+}
+
+/// `cells` (the header first) as a fixed-width Markdown table: the first `left` columns
+/// left-aligned, the others right-aligned; short rows are padded with empty cells.
+pub fn markdown_table(cells: Vec<Vec<String>>, left: usize) -> String {
+    let cols = cells.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
         .map(|i| {
             cells
                 .iter()
-                .map(|c| c[i].chars().count())
+                .map(|c| c.get(i).map_or(0, |s| s.chars().count()))
                 .max()
                 .unwrap_or(0)
         })
         .collect();
     let mut out = String::new();
     for (n, row) in cells.iter().enumerate() {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .enumerate()
-            .map(|(i, (c, w))| {
-                let pad = w - c.chars().count();
-                if i < 3 {
-                    format!("{c}{}", " ".repeat(pad))
+        let line: Vec<String> = (0..cols)
+            .map(|i| {
+                let c = row.get(i).map(String::as_str).unwrap_or("");
+                let pad = " ".repeat(widths[i] - c.chars().count());
+                if i < left {
+                    format!("{c}{pad}")
                 } else {
-                    format!("{}{c}", " ".repeat(pad))
+                    format!("{pad}{c}")
                 }
             })
             .collect();
@@ -199,7 +205,7 @@ pub fn table(rows: &[Row]) -> String {
                 .iter()
                 .enumerate()
                 .map(|(i, w)| {
-                    if i < 3 {
+                    if i < left {
                         "-".repeat(w + 2)
                     } else {
                         format!("{}:", "-".repeat(w + 1))
