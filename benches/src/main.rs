@@ -717,116 +717,76 @@ fn median_by<T>(items: &[T], key: impl Fn(&T) -> f64) -> &T {
 }
 
 async fn case_http(ctx: &Ctx) -> CaseResult {
-    let p = &ctx.profile;
-    let dur = Duration::from_secs_f64(p.http_secs);
-    let direct = http::run(&ctx.direct, http::OBJECT_1K, p.http_conns, dur).await?;
-    let (t, usage) = ctx
-        .usage(http::run(&ctx.expose, http::OBJECT_1K, p.http_conns, dur))
-        .await?;
-    let c = p.http_conns;
-    let (d, l) = (&direct.latency, &t.latency);
-    let mut rows = vec![
-        Row::new(
-            format!("http GET 1 KiB, {c} conns, rate"),
-            "expose",
-            "req/s",
-            Some(direct.req_per_s),
-            t.req_per_s,
-            Compare::Ratio,
-            Some(Target::RatioAtLeast(PEER_HTTP * PEER_FACTOR)),
-        )
-        .with_usage(usage),
-        Row::new(
-            format!("http GET 1 KiB, {c} conns, p50"),
-            "expose",
-            "us",
-            Some(d.p50_us),
-            l.p50_us,
-            Compare::Added,
-            None,
-        ),
-        Row::new(
-            format!("http GET 1 KiB, {c} conns, p99"),
-            "expose",
-            "us",
-            Some(d.p99_us),
-            l.p99_us,
-            Compare::Added,
-            None,
-        ),
-    ];
-    if t.errors > 0 || direct.errors > 0 {
-        eprintln!(
-            "   http errors: direct {}, expose {}",
-            direct.errors, t.errors
-        );
-    }
-    let (r, [d1m, t1m]) = http::rows_1m(
+    http_case(
         ctx,
         "http",
-        &ctx.direct,
-        &ctx.expose,
+        (&ctx.direct, &ctx.expose),
+        PEER_HTTP * PEER_FACTOR,
         PEER_BULK * PEER_FACTOR,
     )
-    .await?;
-    rows.extend(r);
-    Ok((rows, serde_json::to_value([direct, t, d1m, t1m])?))
+    .await
 }
 
+/// Through the kube gateway against HTTPS direct. Held, like an L4 tunnel, to 1.0x the best
+/// encrypted peer's share (of HTTP for 1 KiB, of bulk for 1 MiB).
 async fn case_gateway(ctx: &Ctx) -> CaseResult {
-    let p = &ctx.profile;
-    let dur = Duration::from_secs_f64(p.http_secs);
-    let direct = http::run(&ctx.direct_tls, http::OBJECT_1K, p.http_conns, dur).await?;
-    let (t, usage) = ctx
-        .usage(http::run(&ctx.gateway, http::OBJECT_1K, p.http_conns, dur))
-        .await?;
-    let c = p.http_conns;
-    let (d, l) = (&direct.latency, &t.latency);
-    let mut rows = vec![
-        Row::new(
-            format!("kube gateway GET 1 KiB, {c} conns, rate"),
-            "gateway",
-            "req/s",
-            Some(direct.req_per_s),
-            t.req_per_s,
-            Compare::Ratio,
-            Some(Target::RatioAtLeast(PEER_HTTP)),
-        )
-        .with_usage(usage),
-        Row::new(
-            format!("kube gateway GET 1 KiB, {c} conns, p50"),
-            "gateway",
-            "us",
-            Some(d.p50_us),
-            l.p50_us,
-            Compare::Added,
-            None,
-        ),
-        Row::new(
-            format!("kube gateway GET 1 KiB, {c} conns, p99"),
-            "gateway",
-            "us",
-            Some(d.p99_us),
-            l.p99_us,
-            Compare::Added,
-            None,
-        ),
-    ];
-    if t.errors > 0 || direct.errors > 0 {
-        eprintln!(
-            "   gateway errors: direct-tls {}, gateway {}",
-            direct.errors, t.errors
-        );
-    }
-    // Held, like the 1 KiB GET, to 1.0x the best encrypted peer's share (here of bulk).
-    let (r, [d1m, t1m]) = http::rows_1m(
+    http_case(
         ctx,
         "kube gateway",
-        &ctx.direct_tls,
-        &ctx.gateway,
+        (&ctx.direct_tls, &ctx.gateway),
+        PEER_HTTP,
         PEER_BULK,
     )
-    .await?;
+    .await
+}
+
+/// GETs of the 1 KiB object (rate held to `target_1k` percent of direct, p50, p99) and of the
+/// 1 MiB object (see [`http::rows_1m`]) on `tunnel` next to `direct`.
+async fn http_case(
+    ctx: &Ctx,
+    label: &str,
+    (direct_route, tunnel): (&Route, &Route),
+    target_1k: f64,
+    target_1m: f64,
+) -> CaseResult {
+    let p = &ctx.profile;
+    let dur = Duration::from_secs_f64(p.http_secs);
+    let direct = http::run(direct_route, http::OBJECT_1K, p.http_conns, dur).await?;
+    let (t, usage) = ctx
+        .usage(http::run(tunnel, http::OBJECT_1K, p.http_conns, dur))
+        .await?;
+    let (c, name) = (p.http_conns, tunnel.name());
+    let (d, l) = (&direct.latency, &t.latency);
+    let mut rows = vec![Row::new(
+        format!("{label} GET 1 KiB, {c} conns, rate"),
+        name,
+        "req/s",
+        Some(direct.req_per_s),
+        t.req_per_s,
+        Compare::Ratio,
+        Some(Target::RatioAtLeast(target_1k)),
+    )
+    .with_usage(usage)];
+    for (q, dv, tv) in [("p50", d.p50_us, l.p50_us), ("p99", d.p99_us, l.p99_us)] {
+        rows.push(Row::new(
+            format!("{label} GET 1 KiB, {c} conns, {q}"),
+            name,
+            "us",
+            Some(dv),
+            tv,
+            Compare::Added,
+            None,
+        ));
+    }
+    if t.errors > 0 || direct.errors > 0 {
+        eprintln!(
+            "   {label} errors: {} {}, {name} {}",
+            direct_route.name(),
+            direct.errors,
+            t.errors
+        );
+    }
+    let (r, [d1m, t1m]) = http::rows_1m(ctx, label, direct_route, tunnel, target_1m).await?;
     rows.extend(r);
     Ok((rows, serde_json::to_value([direct, t, d1m, t1m])?))
 }

@@ -154,6 +154,52 @@ fn failed(e: &ReplyError) -> io::Error {
     io::Error::new(kind, e.clone())
 }
 
+impl<S: AsyncRead + Unpin> AwaitReply<S> {
+    /// Waits for the reply: `Ok` once the agent accepted (bytes after the reply stay for the
+    /// next read), or why not. For openers that must know before they go on (CONNECT answers
+    /// its caller only after the accept).
+    pub async fn wait_reply(&mut self) -> Result<(), ReplyError> {
+        std::future::poll_fn(|cx| self.poll_reply(cx)).await
+    }
+
+    /// Reads until the reply has settled.
+    fn poll_reply(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ReplyError>> {
+        loop {
+            let got = match &mut self.state {
+                State::Waiting(got) => got,
+                State::Failed(e) => return Poll::Ready(Err(e.clone())),
+                State::Leftover(..) | State::Open => return Poll::Ready(Ok(())),
+            };
+            if let Some(outcome) = parse(got) {
+                self.settle(outcome);
+                continue;
+            }
+            let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+            let mut rb = ReadBuf::uninit(&mut chunk);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => self.settle(Err(
+                    ReplyError::Protocol("the stream ended before the reply".into()),
+                )),
+                Poll::Ready(Ok(())) => got.extend_from_slice(rb.filled()),
+                Poll::Ready(Err(e)) => {
+                    self.settle(Err(ReplyError::Protocol(format!("reading the reply: {e}"))))
+                }
+                Poll::Pending => {
+                    let expired = self
+                        .deadline
+                        .as_mut()
+                        .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                    if !expired {
+                        return Poll::Pending;
+                    }
+                    let timeout = self.timeout;
+                    self.settle(Err(ReplyError::Timeout(timeout)));
+                }
+            }
+        }
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for AwaitReply<S> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -161,48 +207,20 @@ impl<S: AsyncRead + Unpin> AsyncRead for AwaitReply<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        loop {
-            match &mut this.state {
-                State::Open => return Pin::new(&mut this.inner).poll_read(cx, buf),
-                State::Failed(e) => return Poll::Ready(Err(failed(e))),
-                State::Leftover(rest, pos) => {
-                    let n = buf.remaining().min(rest.len() - *pos);
-                    buf.put_slice(&rest[*pos..*pos + n]);
-                    *pos += n;
-                    if *pos == rest.len() {
-                        this.state = State::Open;
-                    }
-                    return Poll::Ready(Ok(()));
+        if let Err(e) = std::task::ready!(this.poll_reply(cx)) {
+            return Poll::Ready(Err(failed(&e)));
+        }
+        match &mut this.state {
+            State::Leftover(rest, pos) => {
+                let n = buf.remaining().min(rest.len() - *pos);
+                buf.put_slice(&rest[*pos..*pos + n]);
+                *pos += n;
+                if *pos == rest.len() {
+                    this.state = State::Open;
                 }
-                State::Waiting(got) => {
-                    if let Some(outcome) = parse(got) {
-                        this.settle(outcome);
-                        continue;
-                    }
-                    let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
-                    let mut rb = ReadBuf::uninit(&mut chunk);
-                    match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
-                        Poll::Ready(Ok(())) if rb.filled().is_empty() => {
-                            this.settle(Err(ReplyError::Protocol(
-                                "the stream ended before the reply".into(),
-                            )));
-                        }
-                        Poll::Ready(Ok(())) => got.extend_from_slice(rb.filled()),
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending => {
-                            let expired = this
-                                .deadline
-                                .as_mut()
-                                .is_some_and(|d| d.as_mut().poll(cx).is_ready());
-                            if !expired {
-                                return Poll::Pending;
-                            }
-                            let timeout = this.timeout;
-                            this.settle(Err(ReplyError::Timeout(timeout)));
-                        }
-                    }
-                }
+                Poll::Ready(Ok(()))
             }
+            _ => Pin::new(&mut this.inner).poll_read(cx, buf),
         }
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! This is the per-cluster endpoint that tower-based setups expect, for clients that cannot
 //! use CONNECT. Streams open optimistically ([`SessionRegistry::open_early`]): the client's
-//! first bytes cross with the `StreamOpen`, so a connection costs one tunnel round trip, not two. No credential is added and TLS stays end to end with the member; whoever can
-//! reach the port still needs the member's own credentials.
+//! first bytes cross with the `StreamOpen`, so a connection costs one tunnel round trip, not
+//! two. No credential is added and TLS stays end to end with the member; whoever can reach
+//! the port still needs the member's own credentials.
 
 use std::sync::Arc;
 use std::time::Duration;

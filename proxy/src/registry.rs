@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use tether_proto::frame::{read_message, write_message, FrameError, DEFAULT_MAX_FRAME};
-use tether_proto::messages::{stream_reply, StreamOpen, StreamRejectCode, StreamReply, Target};
+use tether_proto::frame::write_message;
+use tether_proto::messages::{StreamOpen, StreamRejectCode, Target};
 use tether_proto::reply::{AwaitReply, OnReply, ReplyError};
 use tether_proto::transport::{MuxStream, SessionError, SessionHandle};
 
@@ -144,22 +144,19 @@ impl OpenError {
     }
 }
 
-/// A data stream to a cluster, accepted by its agent (or, for [`SessionRegistry::open_early`],
-/// whose reply is read as the stream is: `S` is then an [`AwaitReply`]). Counts bytes into the
-/// agent's totals and the open-streams gauge while it lives.
-pub struct TunnelStream<S = MuxStream> {
-    pub stream: S,
+/// A data stream to a cluster: accepted by its agent ([`SessionRegistry::open`]), or with the
+/// agent's reply still to be read off its front ([`SessionRegistry::open_early`]). Counts
+/// bytes into the agent's totals and the open-streams gauge while it lives.
+pub struct TunnelStream {
+    pub stream: AwaitReply<MuxStream>,
     pub agent: Arc<AgentSession>,
     metrics: Arc<Metrics>,
 }
 
-impl<S> TunnelStream<S>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
+impl TunnelStream {
     /// The stream as plain I/O that counts its bytes into the agent's and the proxy's totals
     /// and holds the open-streams gauge while it lives.
-    pub fn into_io(self) -> CountedStream<S> {
+    pub fn into_io(self) -> CountedStream {
         self.metrics.streams_open().inc();
         CountedStream {
             stream: self.stream,
@@ -178,19 +175,19 @@ where
 }
 
 /// A tunnel stream that counts bytes as they pass. See [`TunnelStream::into_io`].
-pub struct CountedStream<S = MuxStream> {
-    stream: S,
+pub struct CountedStream {
+    stream: AwaitReply<MuxStream>,
     agent: Arc<AgentSession>,
     metrics: Arc<Metrics>,
 }
 
-impl<S> Drop for CountedStream<S> {
+impl Drop for CountedStream {
     fn drop(&mut self) {
         self.metrics.streams_open().dec();
     }
 }
 
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountedStream<S> {
+impl tokio::io::AsyncRead for CountedStream {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -207,7 +204,7 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountedStream<S> 
     }
 }
 
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountedStream<S> {
+impl tokio::io::AsyncWrite for CountedStream {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -364,12 +361,21 @@ impl SessionRegistry {
     ) -> Result<TunnelStream, OpenError> {
         let result: Result<TunnelStream, OpenError> = async {
             let (stream, agent) = self.send_open(cluster, target, request_id).await?;
-            let stream = tokio::time::timeout(STREAM_OPEN_TIMEOUT, read_reply(stream))
-                .await
-                .map_err(|_| OpenError::Timeout {
+            let mut stream = AwaitReply::new(stream, STREAM_OPEN_TIMEOUT, None);
+            stream.wait_reply().await.map_err(|e| match e {
+                ReplyError::Rejected { code, reason } => OpenError::Rejected {
                     cluster: cluster.into(),
-                })?
-                .map_err(|e| e.into_open_error(cluster))?;
+                    code,
+                    reason,
+                },
+                ReplyError::Timeout(_) => OpenError::Timeout {
+                    cluster: cluster.into(),
+                },
+                ReplyError::Protocol(detail) => OpenError::Protocol {
+                    cluster: cluster.into(),
+                    detail,
+                },
+            })?;
             Ok(TunnelStream {
                 stream,
                 agent,
@@ -397,7 +403,7 @@ impl SessionRegistry {
         cluster: &str,
         target: Target,
         request_id: &str,
-    ) -> Result<TunnelStream<AwaitReply<MuxStream>>, OpenError> {
+    ) -> Result<TunnelStream, OpenError> {
         let (stream, agent) = match self.send_open(cluster, target, request_id).await {
             Ok(opened) => opened,
             Err(e) => {
@@ -454,7 +460,10 @@ impl SessionRegistry {
                 .map_err(|_| OpenError::Timeout {
                     cluster: cluster.into(),
                 })?
-                .map_err(|e| HandshakeError::Frame(e).into_open_error(cluster))?;
+                .map_err(|e| OpenError::Protocol {
+                    cluster: cluster.into(),
+                    detail: e.to_string(),
+                })?;
             return Ok((stream, agent));
         }
         Err(OpenError::Session {
@@ -522,41 +531,5 @@ impl SessionRegistry {
                 }
             })
             .collect()
-    }
-}
-
-enum HandshakeError {
-    Rejected(StreamRejectCode, String),
-    Frame(FrameError),
-}
-
-impl HandshakeError {
-    fn into_open_error(self, cluster: &str) -> OpenError {
-        match self {
-            HandshakeError::Rejected(code, reason) => OpenError::Rejected {
-                cluster: cluster.into(),
-                code,
-                reason,
-            },
-            HandshakeError::Frame(f) => OpenError::Protocol {
-                cluster: cluster.into(),
-                detail: f.to_string(),
-            },
-        }
-    }
-}
-
-/// Reads the agent's `StreamReply` to the `StreamOpen` sent on `stream`.
-async fn read_reply(mut stream: MuxStream) -> Result<MuxStream, HandshakeError> {
-    let reply: StreamReply = read_message(&mut stream, DEFAULT_MAX_FRAME)
-        .await
-        .map_err(HandshakeError::Frame)?;
-    match reply.reply {
-        Some(stream_reply::Reply::Accept(_)) => Ok(stream),
-        Some(stream_reply::Reply::Reject(r)) => Err(HandshakeError::Rejected(
-            StreamRejectCode::try_from(r.code).unwrap_or(StreamRejectCode::Unspecified),
-            r.reason,
-        )),
-        None => Err(HandshakeError::Frame(FrameError::Closed)),
     }
 }
