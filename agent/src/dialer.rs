@@ -441,13 +441,13 @@ async fn dial(
     plan: Plan,
 ) -> Result<Session, SessionError> {
     let (addr, name) = (settings.proxy_addr.as_str(), settings.server_name.as_str());
-    // Over TCP, ALPN asks for the multiplexer (`tether/1` = yamux, `h2` = HTTP/2); QUIC
-    // always negotiates `tether/1`.
+    // Over TCP, ALPN asks for the multiplexer (`tether/2` = tether's own, `tether/1` = yamux,
+    // `h2` = HTTP/2); QUIC always negotiates `tether/1`.
     let tcp_tls = match settings.mux {
         tls::Mux::Yamux => client_tls.clone(),
         mux => {
             let mut config = (**client_tls).clone();
-            config.alpn_protocols = vec![mux.alpn().to_vec()];
+            config.alpn_protocols = mux.agent_alpns();
             Arc::new(config)
         }
     };
@@ -555,7 +555,7 @@ mod tests {
         let mut c = TransportChooser::new(ProxyTransport::Auto);
         assert_eq!(c.plan(), Plan::QuicThenTls);
         // QUIC did not come up, TLS did: TLS from now on, QUIC first on every 10th dial.
-        c.worked(tls::TRANSPORT_NAME);
+        c.worked(tls::Mux::Yamux.transport_name());
         let plans: Vec<Plan> = (0..2 * RETRY_QUIC_EVERY).map(|_| c.plan()).collect();
         let retries: Vec<usize> = (0..plans.len())
             .filter(|&i| plans[i] == Plan::QuicThenTls)
@@ -565,7 +565,7 @@ mod tests {
         c.on_tls = Some((Instant::now() - RETRY_QUIC_AFTER, 0));
         assert_eq!(c.plan(), Plan::QuicThenTls);
         // A retry where QUIC still does not come up restarts the clock.
-        c.worked(tls::TRANSPORT_NAME);
+        c.worked(tls::Mux::Yamux.transport_name());
         assert_eq!(c.plan(), Plan::Tls);
         // QUIC works again.
         c.on_tls = Some((Instant::now() - RETRY_QUIC_AFTER, 0));
@@ -573,7 +573,7 @@ mod tests {
         c.worked(quic::TRANSPORT_NAME);
         assert_eq!(c.plan(), Plan::QuicThenTls);
         // TLS that stops working sends the next dial to QUIC first.
-        c.worked(tls::TRANSPORT_NAME);
+        c.worked(tls::Mux::Yamux.transport_name());
         assert_eq!(c.plan(), Plan::Tls);
         c.dial_failed();
         assert_eq!(c.plan(), Plan::QuicThenTls);
@@ -590,7 +590,7 @@ mod tests {
             (ProxyTransport::Quic, Plan::Quic),
         ] {
             let mut c = TransportChooser::new(t);
-            c.worked(tls::TRANSPORT_NAME);
+            c.worked(tls::Mux::Yamux.transport_name());
             c.session_failed(quic::TRANSPORT_NAME);
             c.dial_failed();
             assert!((0..20).all(|_| c.plan() == plan));

@@ -71,8 +71,8 @@ pub struct AgentArgs {
         default_value = "impersonate"
     )]
     pub identity: crate::kube::IdentityMode,
-    /// Stream multiplexer over tls://: yamux or h2 (HTTP/2, which also looks like ordinary
-    /// HTTPS to egress middleboxes).
+    /// Stream multiplexer over tls://: tether (tether's own), yamux, or h2 (HTTP/2, which also
+    /// looks like ordinary HTTPS to egress middleboxes).
     #[arg(long, env = "TETHER_MUX", value_parser = parse_mux, default_value = "yamux")]
     pub mux: tether_proto::transport::tls::Mux,
     /// On SIGTERM, how long open streams may take to finish.
@@ -235,9 +235,10 @@ pub fn parse_proxy(proxy: &str) -> Result<(ProxyTransport, String, u16)> {
 fn parse_mux(s: &str) -> Result<tether_proto::transport::tls::Mux, String> {
     use tether_proto::transport::tls::Mux;
     match s {
+        "tether" => Ok(Mux::Tether),
         "yamux" => Ok(Mux::Yamux),
         "h2" | "http2" => Ok(Mux::H2),
-        other => Err(format!("--mux {other:?}: expected yamux or h2")),
+        other => Err(format!("--mux {other:?}: expected tether, yamux or h2")),
     }
 }
 

@@ -406,6 +406,17 @@ async fn run(cli: Cli) -> Result<bool> {
             targets.text
         );
     }
+    let cpu = peers::cpu_table(&rows);
+    if !cpu.text.is_empty() {
+        println!(
+            "CPU cost per unit of work (both tunnel ends; lower is better): us of CPU of proxy + \
+             agent (a peer's server + client) per request, connection or MB; in brackets the \
+             bench process' us per unit and how busy the host was; * = run under {}s, CPU \
+             times in 10 ms ticks, rough:\n{}",
+            peers::SHORT_RUN_S,
+            cpu.text
+        );
+    }
     println!("target source: {}", targets.source);
     println!(
         "profile {}, transport {:?}, {:.0}s total, {} CPUs; direct = same upstream without tether \
@@ -435,6 +446,7 @@ async fn run(cli: Cli) -> Result<bool> {
         "targetSource": targets.source,
         "peers": peers.json(&ctx.profile),
         "peerComparison": targets.comparison,
+        "cpuComparison": cpu.comparison,
         "peerErrors": peers.errors,
     });
     if let Some(dir) = json_path.parent() {

@@ -1434,6 +1434,115 @@ pub fn apply_targets(rows: &mut [Row], factor: f64) -> Targets {
     }
 }
 
+/// Runs shorter than this get a `*` in the CPU table: CPU times count in 10 ms ticks, so one
+/// tick is then more than 2% of a core (the quick profile's connect and bulk runs).
+pub const SHORT_RUN_S: f64 = 0.5;
+
+/// What [`cpu_table`] found: CPU per unit of work of tether and the peers.
+pub struct CpuComparison {
+    /// Per rate or throughput figure: tether, each peer, the best encrypted one.
+    pub comparison: Vec<Value>,
+    /// The printed table (empty when no `expose` row has a CPU per unit).
+    pub text: String,
+}
+
+/// CPU per unit of work of both tunnel ends, for every `expose` rate or throughput row with
+/// usage, next to the peers' rows of the same case, and tether ÷ the best (cheapest)
+/// encrypted peer. A cell is the tunnel's CPU per unit, then the bench process' CPU per unit
+/// and how busy the host was, and `*` for a run shorter than [`SHORT_RUN_S`].
+pub fn cpu_table(rows: &[Row]) -> CpuComparison {
+    let peer_cols: Vec<PeerKind> = PeerKind::ALL
+        .into_iter()
+        .filter(|k| rows.iter().any(|r| r.route == k.name()))
+        .collect();
+    let cell = |r: &Row| match (r.cpu_per_unit(), r.usage) {
+        (Some(c), Some(u)) => format!(
+            "{} (bench {}, {:.0}%){}",
+            num(c.tunnel),
+            num(c.bench),
+            u.host_busy_pct,
+            if u.wall_s < SHORT_RUN_S { " *" } else { "" }
+        ),
+        _ => "-".into(),
+    };
+    let figures = |r: &Row| {
+        r.cpu_per_unit().map(|c| {
+            json!({
+                "tunnel": c.tunnel,
+                "bench": c.bench,
+                "hostBusyPct": r.usage.map(|u| u.host_busy_pct),
+            })
+        })
+    };
+    let mut comparison = Vec::new();
+    let mut lines: Vec<Vec<String>> = Vec::new();
+    for r in rows.iter().filter(|r| r.route == "expose") {
+        let Some(c) = r.cpu_per_unit() else {
+            continue;
+        };
+        let peer_rows: Vec<(PeerKind, &Row)> = peer_cols
+            .iter()
+            .filter_map(|k| {
+                rows.iter()
+                    .find(|p| p.route == k.name() && p.case == r.case)
+                    .map(|p| (*k, p))
+            })
+            .collect();
+        let mut best: Option<(PeerKind, f64)> = None;
+        for (k, p) in &peer_rows {
+            if let (true, Some(pc)) = (k.encrypted(), p.cpu_per_unit()) {
+                if best.is_none_or(|(_, b)| pc.tunnel < b) {
+                    best = Some((*k, pc.tunnel));
+                }
+            }
+        }
+        let over_best = best
+            .filter(|(_, b)| *b > 0.0)
+            .map(|(k, b)| (k, c.tunnel / b));
+        comparison.push(json!({
+            "case": r.case,
+            "unit": c.unit,
+            "tether": figures(r),
+            "peers": peer_rows.iter().map(|(k, p)| json!({
+                "peer": k.name(), "encrypted": k.encrypted(), "cpu": figures(p),
+            })).collect::<Vec<_>>(),
+            "bestEncrypted": best.map(|(k, b)| json!({ "peer": k.name(), "tunnel": b })),
+            "tetherOverBestEncrypted": over_best.map(|(_, x)| x),
+        }));
+        let mut line = vec![r.case.clone(), c.unit.to_string(), cell(r)];
+        for k in &peer_cols {
+            line.push(
+                peer_rows
+                    .iter()
+                    .find(|(pk, _)| pk == k)
+                    .map(|(_, p)| cell(p))
+                    .unwrap_or_else(|| "-".into()),
+            );
+        }
+        line.push(
+            over_best
+                .map(|(k, x)| format!("{x:.2}x {}", k.name()))
+                .unwrap_or_else(|| "-".into()),
+        );
+        lines.push(line);
+    }
+    let text = if lines.is_empty() {
+        String::new()
+    } else {
+        let mut header: Vec<String> = ["case", "CPU per", "tether"].map(String::from).to_vec();
+        header.extend(peer_cols.iter().map(|k| {
+            if k.encrypted() {
+                k.name().to_string()
+            } else {
+                format!("{} (no TLS)", k.name())
+            }
+        }));
+        header.push("tether vs best encrypted".into());
+        text_table(header, lines)
+    };
+    CpuComparison { comparison, text }
+}
+
 /// A fixed-width Markdown table; the first two columns left-aligned.
 fn text_table(header: Vec<String>, lines: Vec<Vec<String>>) -> String {
     let mut cells = vec![header];
@@ -1481,6 +1590,46 @@ mod tests {
         assert_eq!(t.comparison.len(), 2);
         assert!(t.text.contains("1.33x ssh"), "{}", t.text);
         assert!(is_peer_route("ssh") && !is_peer_route("expose"));
+    }
+
+    #[test]
+    fn cpu_per_unit_table() {
+        let usage = |tunnel_cores: f64| Usage {
+            wall_s: 1.0,
+            proxy_cores: tunnel_cores / 2.0,
+            agent_cores: tunnel_cores / 2.0,
+            bench_cores: 0.5,
+            host_busy_pct: 95.0,
+            rest_cores: 0.0,
+        };
+        let rate = |route: &'static str, v: f64, cores: f64| {
+            Row::new(
+                "http rate",
+                route,
+                "req/s",
+                Some(40_000.0),
+                v,
+                Compare::Ratio,
+                None,
+            )
+            .with_usage(Some(usage(cores)))
+        };
+        let rows = vec![
+            rate("expose", 10_000.0, 1.0),     // 100 us/req
+            rate("rathole-tls", 5_000.0, 1.0), // 200 us/req
+            rate("ssh", 8_000.0, 1.2),         // 150 us/req, the cheapest encrypted
+            rate("rathole", 20_000.0, 1.0),    // 50 us/req, unencrypted: not "best"
+            Row::new("rtt", "expose", "us", None, 60.0, Compare::Added, None)
+                .with_usage(Some(usage(1.0))),
+        ];
+        let t = cpu_table(&rows);
+        assert_eq!(t.comparison.len(), 1);
+        let x = t.comparison[0]["tetherOverBestEncrypted"].as_f64().unwrap();
+        assert!((x - 100.0 / 150.0).abs() < 1e-9, "{x}");
+        assert_eq!(t.comparison[0]["bestEncrypted"]["peer"], "ssh");
+        assert!(t.text.contains("0.67x ssh"), "{}", t.text);
+        assert!(t.text.contains("100 (bench 50.0, 95%)"), "{}", t.text);
+        assert_eq!(t.text.lines().count(), 3);
     }
 
     #[test]

@@ -42,6 +42,7 @@ impl Target {
 
 /// One figure of the report.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Row {
     pub case: String,
     /// `expose`, `connect` or `gateway`.
@@ -56,6 +57,25 @@ pub struct Row {
     pub meets: Option<bool>,
     /// CPU the processes used during the tunnel run, when measured.
     pub usage: Option<Usage>,
+    /// Microseconds of CPU of both tunnel ends (proxy + agent, or a peer's server + client)
+    /// per unit of work, for rate and throughput rows with `usage` ([`Row::cpu_per_unit`]).
+    pub tunnel_cpu_per_unit: Option<f64>,
+    /// Microseconds of this process' CPU per unit of work, likewise.
+    pub bench_cpu_per_unit: Option<f64>,
+    /// The unit of the two above: `us/req`, `us/conn` or `us/MB`.
+    pub cpu_unit: Option<&'static str>,
+}
+
+/// CPU per unit of work of a rate or throughput row, in microseconds of CPU per request,
+/// connection or MB: cores / rate × 10^6.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CpuPerUnit {
+    /// Both tunnel ends: proxy + agent, or a peer's server + client.
+    pub tunnel: f64,
+    /// This process: the load generator and the upstream server.
+    pub bench: f64,
+    /// `us/req`, `us/conn` or `us/MB`.
+    pub unit: &'static str,
 }
 
 /// CPU used during a run, in cores (CPU seconds / wall seconds).
@@ -71,6 +91,24 @@ pub struct Usage {
     /// Busy cores not accounted to the three processes above: softirq time, and any other
     /// work on the machine (a shared machine shows up here).
     pub rest_cores: f64,
+}
+
+impl Usage {
+    /// The CPU per unit of work at `rate` per second in `unit` (`req/s`, `conn/s` or `MB/s`);
+    /// `None` for other units (latencies, memory) or a rate that is not positive.
+    pub fn per_unit(&self, rate: f64, unit: &str) -> Option<CpuPerUnit> {
+        let unit = match unit {
+            "req/s" => "us/req",
+            "conn/s" => "us/conn",
+            "MB/s" => "us/MB",
+            _ => return None,
+        };
+        (rate > 0.0).then(|| CpuPerUnit {
+            tunnel: (self.proxy_cores + self.agent_cores) / rate * 1e6,
+            bench: self.bench_cores / rate * 1e6,
+            unit,
+        })
+    }
 }
 
 impl Row {
@@ -105,16 +143,29 @@ impl Row {
             target,
             meets,
             usage: None,
+            tunnel_cpu_per_unit: None,
+            bench_cpu_per_unit: None,
+            cpu_unit: None,
         }
     }
 
+    /// The row with `usage`, and the CPU per unit of work derived from it.
     pub fn with_usage(mut self, usage: Option<Usage>) -> Row {
         self.usage = usage;
+        let c = self.cpu_per_unit();
+        self.tunnel_cpu_per_unit = c.map(|c| c.tunnel);
+        self.bench_cpu_per_unit = c.map(|c| c.bench);
+        self.cpu_unit = c.map(|c| c.unit);
         self
+    }
+
+    /// The CPU per unit of work of a rate or throughput row with usage (see
+    /// [`Usage::per_unit`]); `None` for latency and memory rows.
+    pub fn cpu_per_unit(&self) -> Option<CpuPerUnit> {
+        self.usage?.per_unit(self.tunnel, self.unit)
     }
 }
 
-/// Formats a number with a sensible precision for its size.
 /// Formats a number with a sensible precision for its size.
 pub fn num(v: f64) -> String {
     if v.abs() >= 100.0 {
@@ -248,5 +299,50 @@ mod tests {
         let t = table(&[r, r2]);
         assert_eq!(t.lines().count(), 4);
         assert!(t.contains("40.0%") && t.contains("+40.0") && t.contains("NO"));
+    }
+
+    #[test]
+    fn cpu_per_unit() {
+        let usage = Usage {
+            wall_s: 2.0,
+            proxy_cores: 0.6,
+            agent_cores: 0.4,
+            bench_cores: 0.5,
+            host_busy_pct: 90.0,
+            rest_cores: 0.3,
+        };
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+        // 1 core of proxy + agent at 500 MB/s: 2000 us per MB; the bench's 0.5 core: 1000.
+        let bulk = Row::new("bulk", "expose", "MB/s", None, 500.0, Compare::Ratio, None)
+            .with_usage(Some(usage));
+        let c = bulk.cpu_per_unit().unwrap();
+        assert!(close(c.tunnel, 2000.0) && close(c.bench, 1000.0), "{c:?}");
+        assert_eq!(c.unit, "us/MB");
+        // 1 core at 20,000 req/s: 50 us per request.
+        let http = Row::new(
+            "http",
+            "expose",
+            "req/s",
+            None,
+            20_000.0,
+            Compare::Ratio,
+            None,
+        )
+        .with_usage(Some(usage));
+        let c = http.cpu_per_unit().unwrap();
+        assert!(close(c.tunnel, 50.0) && close(c.bench, 25.0) && c.unit == "us/req");
+        // In the JSON, as camelCase fields next to the usage.
+        let v = serde_json::to_value(&http).unwrap();
+        assert!(close(v["tunnelCpuPerUnit"].as_f64().unwrap(), 50.0));
+        assert!(close(v["benchCpuPerUnit"].as_f64().unwrap(), 25.0));
+        assert_eq!(v["cpuUnit"], "us/req");
+        assert_eq!(v["usage"]["proxy_cores"], 0.6);
+        // Latency rows and rows without usage have none.
+        let rtt = Row::new("rtt", "expose", "us", None, 60.0, Compare::Added, None)
+            .with_usage(Some(usage));
+        assert!(rtt.cpu_per_unit().is_none() && rtt.tunnel_cpu_per_unit.is_none());
+        let bare = Row::new("bulk", "expose", "MB/s", None, 500.0, Compare::Ratio, None);
+        assert!(bare.cpu_per_unit().is_none());
+        assert!(serde_json::to_value(&bare).unwrap()["cpuUnit"].is_null());
     }
 }

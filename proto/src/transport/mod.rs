@@ -8,8 +8,9 @@
 //! - [`MuxStream`]: one bidirectional byte stream (tokio `AsyncRead + AsyncWrite`), with its
 //!   own flow control: a stream whose reader stops never delays another stream.
 //!
-//! How bytes travel is the business of a transport module: [`tls`] (TLS 1.3 over TCP, with
-//! yamux on top) or [`quic`] (QUIC over UDP, native streams). Each produces the same
+//! How bytes travel is the business of a transport module: [`tls`] (TLS 1.3 over TCP, with a
+//! multiplexer on top: [`tether_mux`], yamux or HTTP/2) or [`quic`] (QUIC over UDP, native
+//! streams). Each produces the same
 //! [`Session`]; the proxy and agent logic above does not change with the transport.
 //!
 //! Roles: the agent always dials, and opens the first stream (the control stream); the proxy
@@ -22,6 +23,7 @@
 
 mod h2;
 pub mod quic;
+pub mod tether_mux;
 pub mod tls;
 mod yamux;
 
@@ -256,6 +258,11 @@ impl DriverParts {
             tracing::warn!("peer opened a stream beyond the session's limit; closing it");
             return;
         };
+        self.deliver_with(permit, inner);
+    }
+
+    /// Hands a peer-opened stream to [`Incoming`] with the permit already taken for it.
+    fn deliver_with(&self, permit: OwnedSemaphorePermit, inner: StreamInner) {
         let stream = MuxStream {
             inner,
             _permit: permit,

@@ -320,6 +320,12 @@ async fn last_words_arrive_after_close_and_drop(carrier: Carrier) {
 /// Runs each test once per carrier.
 macro_rules! per_carrier {
     ($($name:ident),* $(,)?) => {
+        mod tether_mux {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Carrier::Tls(super::Mux::Tether)).await
+            })*
+        }
         mod yamux_mux {
             $(#[tokio::test]
             async fn $name() {

@@ -1,8 +1,9 @@
-//! TLS 1.3 over TCP, with a stream multiplexer on top: yamux or HTTP/2.
+//! TLS 1.3 over TCP, with a stream multiplexer on top: tether's own, yamux or HTTP/2.
 //!
-//! ALPN picks the multiplexer ([`Mux`]): `tether/1` is yamux, `h2` is HTTP/2 (which also looks
-//! like ordinary HTTPS to egress middleboxes). The proxy offers both ([`AGENT_ALPNS`]); the
-//! agent offers the one it is configured for, through its client configuration's ALPN list.
+//! ALPN picks the multiplexer ([`Mux`]): `tether/2` is tether's own ([`super::tether_mux`]),
+//! `tether/1` is yamux, `h2` is HTTP/2 (which also looks like ordinary HTTPS to egress
+//! middleboxes). The proxy offers all three ([`AGENT_ALPNS`]); the agent offers the one it is
+//! configured for ([`Mux::agent_alpns`]), through its client configuration's ALPN list.
 //!
 //! The agent dials with [`connect`]; the proxy binds a [`TlsListener`], accepts TCP
 //! connections quickly, and completes each handshake in the connection's own task with
@@ -18,12 +19,14 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::{Role, Session, SessionConfig, SessionError, SessionInfo};
 
-/// Name shown for TLS + yamux in status pages and metrics.
-pub const TRANSPORT_NAME: &str = "tls+yamux";
+/// ALPN of tether's own multiplexer ([`super::tether_mux`]).
+pub const TETHER_MUX_ALPN: &[u8] = b"tether/2";
 
 /// The stream multiplexer running over a TLS connection, chosen by ALPN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mux {
+    /// tether's own multiplexer, ALPN `tether/2`.
+    Tether,
     /// yamux, ALPN `tether/1`.
     Yamux,
     /// HTTP/2, ALPN `h2`: the agent serves, the proxy opens streams.
@@ -31,13 +34,24 @@ pub enum Mux {
 }
 
 /// ALPN protocols the proxy's agent listener offers, in its order of preference.
-pub const AGENT_ALPNS: &[&[u8]] = &[crate::ALPN, b"h2"];
+pub const AGENT_ALPNS: &[&[u8]] = &[TETHER_MUX_ALPN, crate::ALPN, b"h2"];
 
 impl Mux {
     pub fn alpn(self) -> &'static [u8] {
         match self {
+            Mux::Tether => TETHER_MUX_ALPN,
             Mux::Yamux => crate::ALPN,
             Mux::H2 => b"h2",
+        }
+    }
+
+    /// What an agent configured for this multiplexer offers in its handshake. tether's own
+    /// multiplexer is offered with yamux after it, so a proxy older than `tether/2` still
+    /// accepts the agent (and the session runs yamux).
+    pub fn agent_alpns(self) -> Vec<Vec<u8>> {
+        match self {
+            Mux::Tether => vec![TETHER_MUX_ALPN.to_vec(), crate::ALPN.to_vec()],
+            other => vec![other.alpn().to_vec()],
         }
     }
 
@@ -45,6 +59,7 @@ impl Mux {
     pub fn from_alpn(alpn: Option<&[u8]>) -> Option<Mux> {
         match alpn {
             None => Some(Mux::Yamux),
+            Some(TETHER_MUX_ALPN) => Some(Mux::Tether),
             Some(p) if p == crate::ALPN => Some(Mux::Yamux),
             Some(b"h2") => Some(Mux::H2),
             Some(_) => None,
@@ -54,7 +69,8 @@ impl Mux {
     /// Name shown in status pages and metrics.
     pub fn transport_name(self) -> &'static str {
         match self {
-            Mux::Yamux => TRANSPORT_NAME,
+            Mux::Tether => "tls+tether",
+            Mux::Yamux => "tls+yamux",
             Mux::H2 => "tls+h2",
         }
     }
@@ -68,6 +84,7 @@ impl Mux {
             peer,
         };
         match self {
+            Mux::Tether => super::tether_mux::start(io, role, info, cfg),
             Mux::Yamux => super::yamux::start(io, role, info, cfg),
             Mux::H2 => super::h2::start(io, role, info, cfg),
         }

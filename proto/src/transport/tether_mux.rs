@@ -1,0 +1,849 @@
+//! tether's own stream multiplexer over a byte stream (TLS over TCP): ALPN `tether/2`.
+//!
+//! yamux and HTTP/2 each hand every frame from the stream's task to the connection's task
+//! through a channel, in an allocation of its own, and yamux zero-fills every frame it
+//! receives. On a tunnel that moves many small requests those per-frame costs, and the
+//! cross-thread wakeups they cause, are most of the user-space CPU. This multiplexer is built
+//! around batches instead:
+//!
+//! - **Writing.** A stream copies its frame straight into the session's [`Outbox`] (one copy,
+//!   no allocation) and wakes the connection task only when the outbox goes from empty to not
+//!   empty. The task then hands everything in the outbox to TLS in one write: frames that many
+//!   streams wrote between two wakeups leave together, in as few TLS records and syscalls as
+//!   their size allows.
+//! - **Reading.** The connection task reads TLS into one buffer and gives each DATA frame's
+//!   body to its stream as a [`Bytes`] slice of that buffer (no copy, no allocation per frame).
+//!   The stream's reader copies it into the caller's buffer.
+//!
+//! # Wire format
+//!
+//! Every frame starts with a 12-byte header, integers big-endian:
+//!
+//! ```text
+//! | type: u8 | flags: u8 | reserved: u16 = 0 | stream id: u32 | length: u32 |
+//! ```
+//!
+//! - `DATA` (0): `length` bytes of the stream's data follow (at most [`MAX_FRAME`]).
+//!   Flags: `OPEN` (1) on a stream's first frame, `FIN` (2) the sender writes no more,
+//!   `RESET` (4) the sender abandons the stream in both directions. A frame may carry data and
+//!   flags together, or flags alone (`length` 0).
+//! - `WINDOW` (1): `length` more bytes the sender of this frame will accept on the stream.
+//! - `GOAWAY` (2): stream id 0, `length` 0: the sender is closing the session.
+//!
+//! Unknown flag bits are ignored; an unknown type, a frame over [`MAX_FRAME`], data beyond
+//! the stream's window, or a stream id that breaks the rules below ends the session (the peer
+//! is broken or hostile, and nothing it sends after can be trusted).
+//!
+//! Streams: the agent opens odd ids, the proxy even ids, each side in increasing order and
+//! never reusing one. Ids are 32 bits: a session that has opened 2³¹ streams refuses more and
+//! closes, and the agent dials a new one.
+//!
+//! # Flow control and memory
+//!
+//! Each direction of a stream starts with [`INITIAL_WINDOW`] bytes of credit. A receiver
+//! returns credit with `WINDOW` frames as its reader consumes data (once half the window is
+//! consumed), so a stream whose reader stops holds at most its window in memory and never
+//! delays another stream. A stream whose reader keeps up (nothing left queued when it returns
+//! credit) doubles its window each time, up to [`MAX_WINDOW`], for long fat links; the growth
+//! of all streams of a session together is bounded by [`WINDOW_GROWTH_BUDGET`]. The outbox is
+//! bounded by [`OUTBOX_LIMIT`]: a writer that finds it full waits for the connection task to
+//! drain it. Idle sessions give their read and write buffers back.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tracing::{debug, warn};
+
+use super::{session_parts, DriverParts, Role, Session, SessionConfig, SessionError, SessionInfo};
+
+/// Bytes of a frame header.
+const HEADER: usize = 12;
+/// Largest DATA body a frame may carry.
+pub const MAX_FRAME: usize = 64 * 1024;
+/// Credit each direction of a new stream starts with.
+pub const INITIAL_WINDOW: u32 = 256 * 1024;
+/// Largest window a stream grows to.
+pub const MAX_WINDOW: u32 = 16 * 1024 * 1024;
+/// Window growth beyond [`INITIAL_WINDOW`], summed over a session's streams.
+pub const WINDOW_GROWTH_BUDGET: i64 = 64 * 1024 * 1024;
+/// Frames waiting in the outbox beyond which writers of data wait (control frames never do).
+pub const OUTBOX_LIMIT: usize = 512 * 1024;
+/// Free space the read buffer is topped up to before each read.
+const READ_CHUNK: usize = 64 * 1024;
+/// Buffers larger than this are given back when the session goes idle.
+const IDLE_KEEP: usize = 16 * 1024;
+/// Reads the connection task makes per wakeup before letting other tasks run.
+const READS_PER_WAKEUP: usize = 16;
+/// Peer-opened streams that may wait for a place under the session's stream limit (the peer
+/// may see a place free before this side has let go of the stream); beyond, they are reset.
+const OPEN_BACKLOG: usize = 16;
+/// Longest a peer-opened stream waits in the backlog before it is reset.
+const OPEN_BACKLOG_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+const TYPE_DATA: u8 = 0;
+const TYPE_WINDOW: u8 = 1;
+const TYPE_GOAWAY: u8 = 2;
+const FLAG_OPEN: u8 = 1;
+const FLAG_FIN: u8 = 2;
+const FLAG_RESET: u8 = 4;
+
+/// Runs the multiplexer over `io` and returns the session; a driver task owns `io`.
+pub(crate) fn start<T>(io: T, role: Role, info: SessionInfo, cfg: &SessionConfig) -> Session
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let peer = info.peer;
+    let (session, parts) = session_parts(info, cfg);
+    let parts_limit = parts.limit.clone();
+    let conn = Arc::new(Conn {
+        outbox: Mutex::new(Outbox::default()),
+        growth_budget: AtomicI64::new(WINDOW_GROWTH_BUDGET),
+    });
+    let driver = Driver {
+        io,
+        peer,
+        conn,
+        parts,
+        streams: HashMap::new(),
+        next_id: match role {
+            Role::Agent => 1,
+            Role::Proxy => 2,
+        },
+        peer_parity: match role {
+            Role::Agent => 0,
+            Role::Proxy => 1,
+        },
+        last_peer_id: 0,
+        permits: tokio_util::sync::PollSemaphore::new(parts_limit),
+        backlog: VecDeque::new(),
+        backlog_timer: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
+        rbuf: BytesMut::new(),
+        sending: Vec::new(),
+        sent: 0,
+        need_flush: false,
+    };
+    tokio::spawn(driver.run());
+    session
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves the state consistent: take the lock even if a holder panicked.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// State of one session that its streams share with the connection task.
+struct Conn {
+    outbox: Mutex<Outbox>,
+    /// What is left of [`WINDOW_GROWTH_BUDGET`].
+    growth_budget: AtomicI64,
+}
+
+/// Frames written by streams and not yet taken by the connection task.
+#[derive(Default)]
+struct Outbox {
+    frames: Vec<u8>,
+    /// Streams dropped since the connection task last looked: it forgets them.
+    dropped: Vec<u32>,
+    /// The connection task, when it is waiting for frames.
+    driver: Option<Waker>,
+    /// Streams waiting for the outbox to drain below [`OUTBOX_LIMIT`].
+    waiting: Vec<Arc<StreamShared>>,
+    /// The session has ended: nothing more is sent.
+    closed: bool,
+}
+
+impl Outbox {
+    /// Appends one frame; returns the connection task's waker if it must be woken (after the
+    /// caller releases the lock).
+    fn push(&mut self, kind: u8, flags: u8, id: u32, body: &[u8], length: u32) -> Option<Waker> {
+        let was_empty = self.frames.is_empty() && self.dropped.is_empty();
+        self.frames.reserve(HEADER + body.len());
+        self.frames.extend_from_slice(&[kind, flags, 0, 0]);
+        self.frames.extend_from_slice(&id.to_be_bytes());
+        self.frames.extend_from_slice(&length.to_be_bytes());
+        self.frames.extend_from_slice(body);
+        if was_empty {
+            self.driver.take()
+        } else {
+            None
+        }
+    }
+
+    fn push_data(&mut self, flags: u8, id: u32, body: &[u8]) -> Option<Waker> {
+        self.push(TYPE_DATA, flags, id, body, body.len() as u32)
+    }
+}
+
+/// One stream's state, shared by its handle and the connection task.
+struct StreamShared {
+    id: u32,
+    state: Mutex<StreamState>,
+}
+
+#[derive(Default)]
+struct StreamState {
+    /// Received and not yet read.
+    recv: VecDeque<Bytes>,
+    /// The peer sent FIN: after `recv`, end of stream.
+    recv_fin: bool,
+    /// The peer reset the stream.
+    reset: bool,
+    /// The session ended.
+    gone: bool,
+    /// Bytes the peer may still send (checked by the connection task).
+    peer_credit: u32,
+    /// This direction's current window.
+    window: u32,
+    /// Bytes read since credit was last returned.
+    consumed: u32,
+    reader: Option<Waker>,
+    /// Bytes we may still send.
+    send_credit: u64,
+    /// We sent FIN.
+    sent_fin: bool,
+    /// The writer, waiting for credit or outbox space.
+    writer: Option<Waker>,
+    /// Queued in [`Outbox::waiting`].
+    waiting_room: bool,
+}
+
+impl StreamShared {
+    fn new(id: u32) -> Arc<Self> {
+        Arc::new(StreamShared {
+            id,
+            state: Mutex::new(StreamState {
+                peer_credit: INITIAL_WINDOW,
+                window: INITIAL_WINDOW,
+                send_credit: INITIAL_WINDOW as u64,
+                ..Default::default()
+            }),
+        })
+    }
+}
+
+fn wake(w: Option<Waker>) {
+    if let Some(w) = w {
+        w.wake();
+    }
+}
+
+/// A stream as its user sees it.
+struct TetherStream {
+    shared: Arc<StreamShared>,
+    conn: Arc<Conn>,
+}
+
+impl TetherStream {
+    fn closed_error() -> io::Error {
+        io::Error::new(io::ErrorKind::ConnectionAborted, "the tunnel session ended")
+    }
+
+    fn reset_error() -> io::Error {
+        io::Error::new(io::ErrorKind::ConnectionReset, "stream reset by the peer")
+    }
+}
+
+impl AsyncRead for TetherStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut st = lock(&self.shared.state);
+        if st.recv.is_empty() {
+            if st.recv_fin {
+                return Poll::Ready(Ok(()));
+            }
+            if st.reset {
+                return Poll::Ready(Err(Self::reset_error()));
+            }
+            if st.gone {
+                return Poll::Ready(Err(Self::closed_error()));
+            }
+            st.reader = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let mut read = 0usize;
+        while buf.remaining() > 0 {
+            let Some(front) = st.recv.front_mut() else {
+                break;
+            };
+            let n = front.len().min(buf.remaining());
+            buf.put_slice(&front[..n]);
+            front.advance(n);
+            if front.is_empty() {
+                st.recv.pop_front();
+            }
+            read += n;
+        }
+        st.consumed += read as u32;
+        // Return credit once half the window is used, so the peer never runs dry while the
+        // reader keeps up.
+        if st.consumed >= st.window / 2 && !st.reset && !st.gone && !st.recv_fin {
+            let mut grant = st.consumed;
+            if st.recv.is_empty() && st.window < MAX_WINDOW {
+                // The reader keeps up: let the peer send more at once.
+                let extra = st.window.min(MAX_WINDOW - st.window);
+                if self
+                    .conn
+                    .growth_budget
+                    .fetch_sub(extra as i64, Ordering::Relaxed)
+                    >= extra as i64
+                {
+                    st.window += extra;
+                    grant += extra;
+                } else {
+                    self.conn
+                        .growth_budget
+                        .fetch_add(extra as i64, Ordering::Relaxed);
+                }
+            }
+            st.consumed = 0;
+            st.peer_credit += grant;
+            let id = self.shared.id;
+            let w = lock(&self.conn.outbox).push(TYPE_WINDOW, 0, id, &[], grant);
+            drop(st);
+            wake(w);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for TetherStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut st = lock(&self.shared.state);
+        if st.reset {
+            return Poll::Ready(Err(Self::reset_error()));
+        }
+        if st.gone {
+            return Poll::Ready(Err(Self::closed_error()));
+        }
+        if st.sent_fin {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after shutdown",
+            )));
+        }
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if st.send_credit == 0 {
+            st.writer = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let n = buf.len().min(MAX_FRAME).min(st.send_credit as usize);
+        let mut out = lock(&self.conn.outbox);
+        if out.closed {
+            return Poll::Ready(Err(Self::closed_error()));
+        }
+        if out.frames.len() >= OUTBOX_LIMIT {
+            st.writer = Some(cx.waker().clone());
+            if !st.waiting_room {
+                st.waiting_room = true;
+                out.waiting.push(self.shared.clone());
+            }
+            return Poll::Pending;
+        }
+        let w = out.push_data(0, self.shared.id, &buf[..n]);
+        drop(out);
+        st.send_credit -= n as u64;
+        drop(st);
+        wake(w);
+        Poll::Ready(Ok(n))
+    }
+
+    /// Written frames are in the session's outbox, which the connection task sends as soon
+    /// as it can: there is nothing more to flush.
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut st = lock(&self.shared.state);
+        if st.sent_fin || st.reset || st.gone {
+            return Poll::Ready(Ok(()));
+        }
+        st.sent_fin = true;
+        let w = lock(&self.conn.outbox).push_data(FLAG_FIN, self.shared.id, &[]);
+        drop(st);
+        wake(w);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for TetherStream {
+    /// Resets the stream unless both directions ended cleanly, and tells the connection task
+    /// to forget it.
+    fn drop(&mut self) {
+        let mut st = lock(&self.shared.state);
+        let reset = !(st.reset || st.gone || (st.sent_fin && st.recv_fin));
+        st.recv.clear();
+        let growth = st.window.saturating_sub(INITIAL_WINDOW);
+        st.window = INITIAL_WINDOW;
+        self.conn
+            .growth_budget
+            .fetch_add(growth as i64, Ordering::Relaxed);
+        let mut out = lock(&self.conn.outbox);
+        let w = if out.closed {
+            None
+        } else {
+            let mut w = None;
+            if reset {
+                w = out.push_data(FLAG_RESET, self.shared.id, &[]);
+            }
+            let was_empty = out.frames.is_empty() && out.dropped.is_empty();
+            out.dropped.push(self.shared.id);
+            if was_empty {
+                w = out.driver.take();
+            }
+            w
+        };
+        drop(out);
+        drop(st);
+        wake(w);
+    }
+}
+
+/// Why the connection task stopped.
+#[derive(Debug, thiserror::Error)]
+enum DriverError {
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("peer broke the multiplexer protocol: {0}")]
+    Protocol(String),
+}
+
+fn protocol(msg: impl Into<String>) -> DriverError {
+    DriverError::Protocol(msg.into())
+}
+
+/// The connection task: owns the byte stream, reads and dispatches frames, writes the outbox.
+struct Driver<T> {
+    io: T,
+    peer: std::net::SocketAddr,
+    conn: Arc<Conn>,
+    parts: DriverParts,
+    /// Streams that may still receive frames, by id.
+    streams: HashMap<u32, Arc<StreamShared>>,
+    /// Id of the next stream we open.
+    next_id: u32,
+    /// `id % 2` of the streams the peer opens.
+    peer_parity: u32,
+    /// Highest id the peer has opened.
+    last_peer_id: u32,
+    /// Places under the session's stream limit, for the backlog.
+    permits: tokio_util::sync::PollSemaphore,
+    /// Peer-opened streams waiting for a place, with when they stop waiting.
+    backlog: VecDeque<(TetherStream, tokio::time::Instant)>,
+    /// Fires when the front of the backlog has waited long enough.
+    backlog_timer: Pin<Box<tokio::time::Sleep>>,
+    /// Bytes read and not yet parsed.
+    rbuf: BytesMut,
+    /// Frames being written, and how much of them is written.
+    sending: Vec<u8>,
+    sent: usize,
+    /// Bytes handed to TLS since the last flush.
+    need_flush: bool,
+}
+
+/// What the driver does next.
+enum Step {
+    /// Carry on (or wait to be woken).
+    Continue,
+    /// Close the session: nobody uses it any more.
+    Close,
+    /// The peer said it is closing the session.
+    PeerClosed,
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
+    async fn run(mut self) {
+        let cancelled = self.parts.closed.clone().cancelled_owned();
+        tokio::pin!(cancelled);
+        let result = poll_fn(|cx| {
+            if cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(Step::Close));
+            }
+            match self.poll_step(cx) {
+                Ok(Step::Continue) => Poll::Pending,
+                end => Poll::Ready(end),
+            }
+        })
+        .await;
+        let say_goodbye = match result {
+            Ok(Step::PeerClosed) => false,
+            Ok(_) => true,
+            Err(DriverError::Protocol(e)) => {
+                warn!(peer = %self.peer, error = %e, "ending the session");
+                true
+            }
+            Err(DriverError::Io(e)) => {
+                debug!(peer = %self.peer, error = %e, "session connection ended");
+                false
+            }
+        };
+        self.finish(say_goodbye).await;
+    }
+
+    /// One round of work: serve open requests, read and dispatch, write what is queued.
+    /// `Continue` means everything that could be done is done and a waker is registered.
+    fn poll_step(&mut self, cx: &mut Context<'_>) -> Result<Step, DriverError> {
+        if self.serve_opens(cx) {
+            return Ok(Step::Close);
+        }
+        if let Poll::Ready(end) = self.poll_read_frames(cx) {
+            return end;
+        }
+        self.serve_backlog(cx);
+        self.poll_write_outbox(cx)?;
+        Ok(Step::Continue)
+    }
+
+    /// Opens the streams our handles asked for. Returns true when every handle is gone and
+    /// nobody accepts streams: the session has no user left.
+    fn serve_opens(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            match self.parts.open_rx.poll_recv(cx) {
+                Poll::Ready(Some(req)) => {
+                    if self.next_id > u32::MAX - 2 {
+                        let _ = req.send(Err(SessionError::Mux(
+                            "stream ids exhausted; the session must be re-established".into(),
+                        )));
+                        self.parts.closed.cancel();
+                        continue;
+                    }
+                    let id = self.next_id;
+                    self.next_id += 2;
+                    let shared = StreamShared::new(id);
+                    self.streams.insert(id, shared.clone());
+                    let w = lock(&self.conn.outbox).push_data(FLAG_OPEN, id, &[]);
+                    wake(w);
+                    let stream = TetherStream {
+                        shared,
+                        conn: self.conn.clone(),
+                    };
+                    // A requester that gave up drops the stream, which resets it.
+                    let _ = req.send(Ok(Box::new(stream)));
+                }
+                Poll::Ready(None) if self.parts.incoming_tx.is_closed() => return true,
+                Poll::Ready(None) | Poll::Pending => return false,
+            }
+        }
+    }
+
+    /// Puts a peer-opened stream over the limit in the backlog, or resets it (by dropping it)
+    /// when the backlog is full.
+    fn wait_for_place(&mut self, stream: TetherStream) {
+        if self.backlog.len() >= OPEN_BACKLOG {
+            warn!(peer = %self.peer, "peer opened a stream beyond the session's limit; resetting it");
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + OPEN_BACKLOG_WAIT;
+        if self.backlog.is_empty() {
+            self.backlog_timer.as_mut().reset(deadline);
+        }
+        self.backlog.push_back((stream, deadline));
+    }
+
+    /// Delivers backlogged streams as places free up; resets those that waited too long.
+    fn serve_backlog(&mut self, cx: &mut Context<'_>) {
+        while !self.backlog.is_empty() {
+            if let Poll::Ready(permit) = self.permits.poll_acquire(cx) {
+                let (stream, _) = self.backlog.pop_front().expect("not empty");
+                match permit {
+                    Some(permit) => self.parts.deliver_with(permit, Box::new(stream)),
+                    None => drop(stream),
+                }
+                continue;
+            }
+            if self.backlog_timer.as_mut().poll(cx).is_pending() {
+                return;
+            }
+            let now = tokio::time::Instant::now();
+            while self.backlog.front().is_some_and(|(_, d)| *d <= now) {
+                warn!(peer = %self.peer, "peer opened a stream beyond the session's limit and none freed up; resetting it");
+                self.backlog.pop_front();
+            }
+            if let Some((_, d)) = self.backlog.front() {
+                self.backlog_timer.as_mut().reset(*d);
+            }
+        }
+    }
+
+    /// Reads and dispatches frames until the socket has nothing more (Pending) or the budget
+    /// of reads per wakeup is spent (then wakes itself and yields).
+    fn poll_read_frames(&mut self, cx: &mut Context<'_>) -> Poll<Result<Step, DriverError>> {
+        for _ in 0..READS_PER_WAKEUP {
+            while let Some(step) = self.parse_frame()? {
+                if !matches!(step, Step::Continue) {
+                    return Poll::Ready(Ok(step));
+                }
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+                self.rbuf.reserve(READ_CHUNK);
+            }
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "peer closed the connection without GOAWAY",
+                    )
+                    .into()))
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+                Poll::Pending => {
+                    if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
+                        // Idle: give the buffer back (frames still queued keep their part).
+                        self.rbuf = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Takes one whole frame off the read buffer and acts on it; `None` if none is complete.
+    fn parse_frame(&mut self) -> Result<Option<Step>, DriverError> {
+        if self.rbuf.len() < HEADER {
+            return Ok(None);
+        }
+        let h = &self.rbuf[..HEADER];
+        let (kind, flags) = (h[0], h[1]);
+        let id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+        let length = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+        match kind {
+            TYPE_DATA => {
+                let len = length as usize;
+                if len > MAX_FRAME {
+                    return Err(protocol(format!(
+                        "DATA frame of {len} bytes on stream {id}, over the {MAX_FRAME}-byte limit"
+                    )));
+                }
+                if self.rbuf.len() < HEADER + len {
+                    self.rbuf.reserve(HEADER + len - self.rbuf.len());
+                    return Ok(None);
+                }
+                self.rbuf.advance(HEADER);
+                let body = self.rbuf.split_to(len).freeze();
+                self.on_data(flags, id, body)?;
+            }
+            TYPE_WINDOW => {
+                self.rbuf.advance(HEADER);
+                if let Some(s) = self.streams.get(&id) {
+                    let mut st = lock(&s.state);
+                    st.send_credit += length as u64;
+                    if st.send_credit > u32::MAX as u64 {
+                        return Err(protocol(format!("window of stream {id} over 4 GiB")));
+                    }
+                    let w = st.writer.take();
+                    drop(st);
+                    wake(w);
+                } else {
+                    self.check_known(id)?;
+                }
+            }
+            TYPE_GOAWAY => {
+                self.rbuf.advance(HEADER);
+                debug!("peer is closing the session");
+                return Ok(Some(Step::PeerClosed));
+            }
+            other => return Err(protocol(format!("unknown frame type {other}"))),
+        }
+        Ok(Some(Step::Continue))
+    }
+
+    /// A frame for a stream we no longer track is fine if the stream existed (it was closed
+    /// here while the peer was still sending); otherwise the peer made the id up.
+    fn check_known(&self, id: u32) -> Result<(), DriverError> {
+        let existed = if id % 2 == self.peer_parity {
+            id != 0 && id <= self.last_peer_id
+        } else {
+            id < self.next_id
+        };
+        if existed {
+            Ok(())
+        } else {
+            Err(protocol(format!(
+                "frame for stream {id}, which was never opened"
+            )))
+        }
+    }
+
+    fn on_data(&mut self, flags: u8, id: u32, body: Bytes) -> Result<(), DriverError> {
+        if flags & FLAG_OPEN != 0 {
+            if id % 2 != self.peer_parity || id <= self.last_peer_id {
+                return Err(protocol(format!(
+                    "stream {id} opened out of order (last was {})",
+                    self.last_peer_id
+                )));
+            }
+            self.last_peer_id = id;
+            let shared = StreamShared::new(id);
+            self.streams.insert(id, shared.clone());
+            let stream = TetherStream {
+                shared,
+                conn: self.conn.clone(),
+            };
+            if !self.backlog.is_empty() {
+                self.wait_for_place(stream);
+            } else {
+                match self.parts.limit.clone().try_acquire_owned() {
+                    Ok(permit) => self.parts.deliver_with(permit, Box::new(stream)),
+                    Err(_) => self.wait_for_place(stream),
+                }
+            }
+        }
+        let Some(s) = self.streams.get(&id) else {
+            return self.check_known(id);
+        };
+        let mut st = lock(&s.state);
+        if !body.is_empty() {
+            if body.len() as u32 > st.peer_credit {
+                return Err(protocol(format!(
+                    "{} bytes on stream {id}, beyond its window of {}",
+                    body.len(),
+                    st.peer_credit
+                )));
+            }
+            st.peer_credit -= body.len() as u32;
+            if !st.recv_fin && !st.reset {
+                st.recv.push_back(body);
+            }
+        }
+        if flags & FLAG_FIN != 0 {
+            st.recv_fin = true;
+        }
+        let forget = flags & FLAG_RESET != 0;
+        if forget {
+            st.reset = true;
+        }
+        let (r, w) = (
+            st.reader.take(),
+            if forget { st.writer.take() } else { None },
+        );
+        drop(st);
+        if forget {
+            self.streams.remove(&id);
+        }
+        wake(r);
+        wake(w);
+        Ok(())
+    }
+
+    /// Writes the outbox to the connection until it is empty (then waits for frames) or the
+    /// connection is full (then waits for it).
+    fn poll_write_outbox(&mut self, cx: &mut Context<'_>) -> Result<(), DriverError> {
+        loop {
+            if self.sent == self.sending.len() {
+                if !self.refill(cx) {
+                    break;
+                }
+                continue;
+            }
+            match Pin::new(&mut self.io).poll_write(cx, &self.sending[self.sent..]) {
+                Poll::Ready(Ok(0)) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Poll::Ready(Ok(n)) => {
+                    self.sent += n;
+                    self.need_flush = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e.into()),
+                Poll::Pending => break,
+            }
+        }
+        if self.need_flush {
+            match Pin::new(&mut self.io).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.need_flush = false,
+                Poll::Ready(Err(e)) => return Err(e.into()),
+                Poll::Pending => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Swaps the outbox's frames in for sending, forgets dropped streams and wakes writers
+    /// waiting for room. Returns false (after registering to be woken) if the outbox is empty.
+    fn refill(&mut self, cx: &mut Context<'_>) -> bool {
+        self.sending.clear();
+        self.sent = 0;
+        let mut out = lock(&self.conn.outbox);
+        std::mem::swap(&mut out.frames, &mut self.sending);
+        let dropped = std::mem::take(&mut out.dropped);
+        let waiting = std::mem::take(&mut out.waiting);
+        let empty = self.sending.is_empty();
+        if empty {
+            out.driver = Some(cx.waker().clone());
+            // Idle: keep small buffers only.
+            if out.frames.capacity() > IDLE_KEEP {
+                out.frames = Vec::new();
+            }
+        }
+        drop(out);
+        if empty && self.sending.capacity() > IDLE_KEEP {
+            self.sending = Vec::new();
+        }
+        for id in dropped {
+            self.streams.remove(&id);
+        }
+        for s in waiting {
+            let mut st = lock(&s.state);
+            st.waiting_room = false;
+            let w = st.writer.take();
+            drop(st);
+            wake(w);
+        }
+        !empty
+    }
+
+    /// Ends the session: tells the peer (when it is still there), wakes every stream, and
+    /// marks the session closed.
+    async fn finish(mut self, say_goodbye: bool) {
+        self.parts.closed.cancel();
+        let leftovers = {
+            let mut out = lock(&self.conn.outbox);
+            out.closed = true;
+            out.dropped.clear();
+            std::mem::take(&mut out.waiting)
+        };
+        for s in self.streams.values().chain(leftovers.iter()) {
+            let mut st = lock(&s.state);
+            st.gone = true;
+            let (r, w) = (st.reader.take(), st.writer.take());
+            drop(st);
+            wake(r);
+            wake(w);
+        }
+        self.streams.clear();
+        self.parts.open_rx.close();
+        while let Ok(req) = self.parts.open_rx.try_recv() {
+            let _ = req.send(Err(SessionError::Closed));
+        }
+        if say_goodbye {
+            // What was queued, then GOAWAY and TLS close_notify; never wait long for a peer
+            // that is gone.
+            let mut tail = std::mem::take(&mut self.sending);
+            tail.drain(..self.sent);
+            tail.extend_from_slice(&std::mem::take(&mut lock(&self.conn.outbox).frames));
+            tail.extend_from_slice(&[TYPE_GOAWAY, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            let bye = async {
+                use tokio::io::AsyncWriteExt;
+                self.io.write_all(&tail).await?;
+                self.io.shutdown().await
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), bye).await;
+        }
+    }
+}
