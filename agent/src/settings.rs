@@ -73,7 +73,7 @@ pub struct AgentArgs {
     pub identity: crate::kube::IdentityMode,
     /// Stream multiplexer over tls://: tether (tether's own), yamux, or h2 (HTTP/2, which also
     /// looks like ordinary HTTPS to egress middleboxes).
-    #[arg(long, env = "TETHER_MUX", value_parser = parse_mux, default_value = "yamux")]
+    #[arg(long, env = "TETHER_MUX", value_parser = parse_mux, default_value = "tether")]
     pub mux: tether_proto::transport::tls::Mux,
     /// On SIGTERM, how long open streams may take to finish.
     #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]

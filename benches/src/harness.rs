@@ -180,8 +180,10 @@ fn run_output(bin: &Path, args: &[&str]) -> Result<String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
-    /// `tls://` with the agent's default multiplexer (yamux).
+    /// `tls://` with the agent's default multiplexer (tether's own, ALPN `tether/2`).
     Tls,
+    /// `tls://` with `--mux yamux`.
+    Yamux,
     /// `tls://` with `--mux h2` (HTTP/2).
     H2,
     /// `quic://` (QUIC over UDP).
@@ -284,6 +286,9 @@ impl Tunnel {
         let mut cmd = Command::new(&agent_bin);
         match opts.transport {
             Transport::Tls => cmd.args(["--proxy", &format!("tls://{agent_addr}")]),
+            Transport::Yamux => {
+                cmd.args(["--proxy", &format!("tls://{agent_addr}"), "--mux", "yamux"])
+            }
             Transport::H2 => cmd.args(["--proxy", &format!("tls://{agent_addr}"), "--mux", "h2"]),
             Transport::Quic => cmd.args(["--proxy", &format!("quic://{agent_addr}")]),
         };

@@ -112,8 +112,8 @@ struct Cli {
     /// Seconds per HTTP run of the 1 MiB object [default: 5, quick 1].
     #[arg(long)]
     http_1m_secs: Option<f64>,
-    /// How the agent reaches the proxy: tls (TLS + the default multiplexer, yamux), h2 (TLS +
-    /// HTTP/2) or quic.
+    /// How the agent reaches the proxy: tls (TLS + the default multiplexer, tether's own),
+    /// yamux (TLS + yamux), h2 (TLS + HTTP/2) or quic.
     #[arg(long, value_enum, default_value = "tls")]
     transport: harness::Transport,
     /// An extra argument for `tether-proxy serve` (repeatable), e.g. --proxy-arg=--foo=1.

@@ -421,9 +421,11 @@ impl Fleet {
         let token_dir = tunnel.dir.path.join("scale-tokens");
         std::fs::create_dir_all(&token_dir)?;
         let (transport, mux) = match transport {
-            Transport::Tls => (ProxyTransport::Tls, Mux::Yamux),
+            Transport::Tls => (ProxyTransport::Tls, Mux::Tether),
+            Transport::Yamux => (ProxyTransport::Tls, Mux::Yamux),
             Transport::H2 => (ProxyTransport::Tls, Mux::H2),
-            Transport::Quic => (ProxyTransport::Quic, Mux::Yamux),
+            // QUIC has its own streams; the multiplexer is not used.
+            Transport::Quic => (ProxyTransport::Quic, Mux::Tether),
         };
         Ok(Fleet {
             proxy_addr: tunnel.agent_addr.to_string(),

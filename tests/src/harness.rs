@@ -162,15 +162,17 @@ pub enum Transport {
     Quic,
     /// `auto://`: QUIC, falling back to TLS.
     Auto,
-    /// `tls://` with HTTP/2 instead of yamux (`--mux h2`).
+    /// `tls://` with HTTP/2 instead of tether's own multiplexer (`--mux h2`).
     TlsH2,
+    /// `tls://` with yamux instead of tether's own multiplexer (`--mux yamux`).
+    TlsYamux,
 }
 
 impl Transport {
     /// The scheme of the agent's `--proxy`.
     pub fn scheme(self) -> &'static str {
         match self {
-            Transport::Tls | Transport::TlsH2 => "tls",
+            Transport::Tls | Transport::TlsH2 | Transport::TlsYamux => "tls",
             Transport::Quic => "quic",
             Transport::Auto => "auto",
         }
@@ -180,8 +182,9 @@ impl Transport {
     /// an agent dialed with this scheme (`auto://` here reports QUIC, what it prefers).
     pub fn session_name(self) -> &'static str {
         match self {
-            Transport::Tls => "tls+yamux",
+            Transport::Tls => "tls+tether",
             Transport::TlsH2 => "tls+h2",
+            Transport::TlsYamux => "tls+yamux",
             Transport::Quic | Transport::Auto => "quic",
         }
     }
@@ -214,6 +217,11 @@ macro_rules! per_transport {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn tls_h2() {
                 super::$name($crate::harness::Transport::TlsH2).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn tls_yamux() {
+                super::$name($crate::harness::Transport::TlsYamux).await
             }
         }
     };
@@ -469,8 +477,14 @@ impl Agent {
         let token_file = proxy.dir.path().join(format!("agent-{cluster}-{n}.token"));
         std::fs::write(&token_file, token).expect("writing token");
         let mut cmd = Command::new(bin("tether-agent"));
-        if proxy.opts.agent_transport == Transport::TlsH2 {
-            cmd.args(["--mux", "h2"]);
+        match proxy.opts.agent_transport {
+            Transport::TlsH2 => {
+                cmd.args(["--mux", "h2"]);
+            }
+            Transport::TlsYamux => {
+                cmd.args(["--mux", "yamux"]);
+            }
+            _ => {}
         }
         cmd.arg("--proxy")
             .arg(format!(

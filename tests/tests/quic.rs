@@ -49,7 +49,7 @@ async fn agents_over_tls_and_quic_side_by_side_are_reported_per_transport() {
     assert!(proxy.wait_agents("a", 2, WAIT).await, "{}", proxy.log());
 
     let a = proxy.cluster("a").unwrap();
-    assert_eq!(a["transports"], json!(["quic", "tls+yamux"]), "{a}");
+    assert_eq!(a["transports"], json!(["quic", "tls+tether"]), "{a}");
     let mut each: Vec<&str> = a["agentDetails"]
         .as_array()
         .unwrap()
@@ -57,9 +57,9 @@ async fn agents_over_tls_and_quic_side_by_side_are_reported_per_transport() {
         .map(|d| d["transport"].as_str().unwrap())
         .collect();
     each.sort();
-    assert_eq!(each, ["quic", "tls+yamux"]);
+    assert_eq!(each, ["quic", "tls+tether"]);
     let metrics = proxy.metrics();
-    for t in ["quic", "tls+yamux"] {
+    for t in ["quic", "tls+tether"] {
         let line = format!("tether_agents_connected{{cluster=\"a\",transport=\"{t}\"}} 1");
         assert!(metrics.contains(&line), "{metrics}");
     }
@@ -123,7 +123,7 @@ async fn auto_falls_back_to_tls_when_quic_is_off_and_returns_to_quic_when_it_is_
     );
     assert_eq!(
         proxy.cluster("a").unwrap()["transports"],
-        json!(["tls+yamux"])
+        json!(["tls+tether"])
     );
     assert!(a.log().contains("QUIC did not come up"), "{}", a.log());
     let token = proxy.client_token("alice", "a");

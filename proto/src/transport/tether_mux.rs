@@ -28,7 +28,8 @@
 //!   `RESET` (4) the sender abandons the stream in both directions. A frame may carry data and
 //!   flags together, or flags alone (`length` 0).
 //! - `WINDOW` (1): `length` more bytes the sender of this frame will accept on the stream.
-//! - `GOAWAY` (2): stream id 0, `length` 0: the sender is closing the session.
+//! - `GOAWAY` (2): stream id 0: the sender is closing the session; `length` bytes of UTF-8
+//!   follow, saying why when it is not a normal close (at most [`MAX_GOAWAY_REASON`]).
 //!
 //! Unknown flag bits are ignored; an unknown type, a frame over [`MAX_FRAME`], data beyond
 //! the stream's window, or a stream id that breaks the rules below ends the session (the peer
@@ -67,6 +68,8 @@ use super::{session_parts, DriverParts, Role, Session, SessionConfig, SessionErr
 const HEADER: usize = 12;
 /// Largest DATA body a frame may carry.
 pub const MAX_FRAME: usize = 64 * 1024;
+/// Longest reason a GOAWAY frame may carry.
+pub const MAX_GOAWAY_REASON: usize = 1024;
 /// Credit each direction of a new stream starts with.
 pub const INITIAL_WINDOW: u32 = 256 * 1024;
 /// Largest window a stream grows to.
@@ -128,6 +131,7 @@ where
         sending: Vec::new(),
         sent: 0,
         need_flush: false,
+        yielded: false,
     };
     tokio::spawn(driver.run());
     session
@@ -415,6 +419,16 @@ impl Drop for TetherStream {
     }
 }
 
+/// What [`Driver::refill`] found.
+enum Refill {
+    /// Nothing to send; the driver is registered to be woken.
+    Empty,
+    /// Frames to send are in `sending`.
+    Ready,
+    /// Frames are waiting: yield first.
+    Defer,
+}
+
 /// Why the connection task stopped.
 #[derive(Debug, thiserror::Error)]
 enum DriverError {
@@ -455,12 +469,17 @@ struct Driver<T> {
     sent: usize,
     /// Bytes handed to TLS since the last flush.
     need_flush: bool,
+    /// The driver has just yielded ([`Step::Yield`]): take the outbox now.
+    yielded: bool,
 }
 
 /// What the driver does next.
 enum Step {
     /// Carry on (or wait to be woken).
     Continue,
+    /// Frames are waiting in the outbox: yield once, then send them with whatever other
+    /// streams add meanwhile.
+    Yield,
     /// Close the session: nobody uses it any more.
     Close,
     /// The peer said it is closing the session.
@@ -471,29 +490,40 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
     async fn run(mut self) {
         let cancelled = self.parts.closed.clone().cancelled_owned();
         tokio::pin!(cancelled);
-        let result = poll_fn(|cx| {
-            if cancelled.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ok(Step::Close));
+        let result = loop {
+            let step = poll_fn(|cx| {
+                if cancelled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(Step::Close));
+                }
+                match self.poll_step(cx) {
+                    Ok(Step::Continue) => Poll::Pending,
+                    end => Poll::Ready(end),
+                }
+            })
+            .await;
+            match step {
+                Ok(Step::Yield) => {
+                    // Let the other tasks that are ready run (and the runtime poll for I/O)
+                    // first: the frames they write join this batch.
+                    tokio::task::yield_now().await;
+                    self.yielded = true;
+                }
+                end => break end,
             }
-            match self.poll_step(cx) {
-                Ok(Step::Continue) => Poll::Pending,
-                end => Poll::Ready(end),
-            }
-        })
-        .await;
-        let say_goodbye = match result {
-            Ok(Step::PeerClosed) => false,
-            Ok(_) => true,
+        };
+        let goodbye = match result {
+            Ok(Step::PeerClosed) => None,
+            Ok(_) => Some(String::new()),
             Err(DriverError::Protocol(e)) => {
                 warn!(peer = %self.peer, error = %e, "ending the session");
-                true
+                Some(e)
             }
             Err(DriverError::Io(e)) => {
                 debug!(peer = %self.peer, error = %e, "session connection ended");
-                false
+                None
             }
         };
-        self.finish(say_goodbye).await;
+        self.finish(goodbye).await;
     }
 
     /// One round of work: serve open requests, read and dispatch, write what is queued.
@@ -506,7 +536,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
             return end;
         }
         self.serve_backlog(cx);
-        self.poll_write_outbox(cx)?;
+        if self.poll_write_outbox(cx)? {
+            return Ok(Step::Yield);
+        }
         Ok(Step::Continue)
     }
 
@@ -657,8 +689,24 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
                 }
             }
             TYPE_GOAWAY => {
+                let len = length as usize;
+                if len > MAX_GOAWAY_REASON {
+                    return Err(protocol(format!("GOAWAY reason of {len} bytes")));
+                }
+                if self.rbuf.len() < HEADER + len {
+                    return Ok(None);
+                }
                 self.rbuf.advance(HEADER);
-                debug!("peer is closing the session");
+                let reason = self.rbuf.split_to(len);
+                if reason.is_empty() {
+                    debug!(peer = %self.peer, "peer is closing the session");
+                } else {
+                    warn!(
+                        peer = %self.peer,
+                        reason = %String::from_utf8_lossy(&reason),
+                        "peer closed the session because of an error on its side"
+                    );
+                }
                 return Ok(Some(Step::PeerClosed));
             }
             other => return Err(protocol(format!("unknown frame type {other}"))),
@@ -745,14 +793,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
     }
 
     /// Writes the outbox to the connection until it is empty (then waits for frames) or the
-    /// connection is full (then waits for it).
-    fn poll_write_outbox(&mut self, cx: &mut Context<'_>) -> Result<(), DriverError> {
+    /// connection is full (then waits for it). Returns true when frames are waiting and the
+    /// driver should yield before it takes them ([`Step::Yield`]).
+    fn poll_write_outbox(&mut self, cx: &mut Context<'_>) -> Result<bool, DriverError> {
+        let mut defer = false;
         loop {
             if self.sent == self.sending.len() {
-                if !self.refill(cx) {
-                    break;
+                match self.refill(cx) {
+                    Refill::Empty => break,
+                    Refill::Defer => {
+                        defer = true;
+                        break;
+                    }
+                    Refill::Ready => continue,
                 }
-                continue;
             }
             match Pin::new(&mut self.io).poll_write(cx, &self.sending[self.sent..]) {
                 Poll::Ready(Ok(0)) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
@@ -771,15 +825,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
                 Poll::Pending => {}
             }
         }
-        Ok(())
+        Ok(defer)
     }
 
     /// Swaps the outbox's frames in for sending, forgets dropped streams and wakes writers
-    /// waiting for room. Returns false (after registering to be woken) if the outbox is empty.
-    fn refill(&mut self, cx: &mut Context<'_>) -> bool {
+    /// waiting for room. If the outbox is empty, registers to be woken when it is not. Unless
+    /// the driver has just yielded, frames in the outbox are left for after a yield.
+    fn refill(&mut self, cx: &mut Context<'_>) -> Refill {
         self.sending.clear();
         self.sent = 0;
         let mut out = lock(&self.conn.outbox);
+        let waiting_frames = !out.frames.is_empty() || !out.dropped.is_empty();
+        if waiting_frames && !std::mem::take(&mut self.yielded) {
+            return Refill::Defer;
+        }
         std::mem::swap(&mut out.frames, &mut self.sending);
         let dropped = std::mem::take(&mut out.dropped);
         let waiting = std::mem::take(&mut out.waiting);
@@ -805,12 +864,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
             drop(st);
             wake(w);
         }
-        !empty
+        if empty {
+            Refill::Empty
+        } else {
+            Refill::Ready
+        }
     }
 
-    /// Ends the session: tells the peer (when it is still there), wakes every stream, and
-    /// marks the session closed.
-    async fn finish(mut self, say_goodbye: bool) {
+    /// Ends the session: tells the peer (when it is still there: `goodbye` is the reason, empty
+    /// for a normal close), wakes every stream, and marks the session closed.
+    async fn finish(mut self, goodbye: Option<String>) {
         self.parts.closed.cancel();
         let leftovers = {
             let mut out = lock(&self.conn.outbox);
@@ -831,13 +894,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         while let Ok(req) = self.parts.open_rx.try_recv() {
             let _ = req.send(Err(SessionError::Closed));
         }
-        if say_goodbye {
+        if let Some(reason) = goodbye {
             // What was queued, then GOAWAY and TLS close_notify; never wait long for a peer
             // that is gone.
             let mut tail = std::mem::take(&mut self.sending);
             tail.drain(..self.sent);
             tail.extend_from_slice(&std::mem::take(&mut lock(&self.conn.outbox).frames));
-            tail.extend_from_slice(&[TYPE_GOAWAY, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            let mut reason = reason.into_bytes();
+            reason.truncate(MAX_GOAWAY_REASON);
+            let mut out = Outbox::default();
+            out.push(TYPE_GOAWAY, 0, 0, &reason, reason.len() as u32);
+            tail.extend_from_slice(&out.frames);
             let bye = async {
                 use tokio::io::AsyncWriteExt;
                 self.io.write_all(&tail).await?;
@@ -845,5 +912,226 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
             };
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), bye).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The multiplexer against a hand-driven peer: frames written byte by byte, and hostile
+    //! input, which must end the session with a reason and never panic.
+
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+
+    /// A proxy-role session over an in-memory pipe, and the raw other end of the pipe.
+    fn proxy_session() -> (Session, DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let info = SessionInfo {
+            transport: "test",
+            peer: "127.0.0.1:9".parse().unwrap(),
+        };
+        let session = start(ours, Role::Proxy, info, &SessionConfig::default());
+        (session, theirs)
+    }
+
+    fn frame(kind: u8, flags: u8, id: u32, body: &[u8], length: u32) -> Vec<u8> {
+        let mut out = Outbox::default();
+        out.push(kind, flags, id, body, length);
+        out.frames
+    }
+
+    fn data(flags: u8, id: u32, body: &[u8]) -> Vec<u8> {
+        frame(TYPE_DATA, flags, id, body, body.len() as u32)
+    }
+
+    /// Reads frames from the raw end until GOAWAY; returns its reason.
+    async fn goaway_reason(raw: &mut DuplexStream) -> String {
+        let read = async {
+            loop {
+                let mut h = [0u8; HEADER];
+                raw.read_exact(&mut h).await.unwrap();
+                let len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as usize;
+                let body_len = if h[0] == TYPE_WINDOW { 0 } else { len };
+                let mut body = vec![0u8; body_len];
+                raw.read_exact(&mut body).await.unwrap();
+                if h[0] == TYPE_GOAWAY {
+                    return String::from_utf8(body).unwrap();
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("GOAWAY arrives")
+    }
+
+    #[tokio::test]
+    async fn frames_split_into_single_bytes_are_reassembled() {
+        let (mut session, mut raw) = proxy_session();
+        let mut bytes = data(FLAG_OPEN, 1, b"hello, ");
+        bytes.extend(data(FLAG_FIN, 1, b"proxy"));
+        for b in bytes {
+            raw.write_all(&[b]).await.unwrap();
+            raw.flush().await.unwrap();
+        }
+        let mut s = session.incoming.accept().await.unwrap();
+        let mut got = String::new();
+        s.read_to_string(&mut got).await.unwrap();
+        assert_eq!(got, "hello, proxy");
+    }
+
+    #[tokio::test]
+    async fn hostile_frames_end_the_session_with_the_reason() {
+        let over = vec![0u8; MAX_FRAME + 1];
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            (
+                "unknown type",
+                frame(9, 0, 1, &[], 0),
+                "unknown frame type 9",
+            ),
+            (
+                "oversized",
+                data(FLAG_OPEN, 1, &over),
+                "over the 65536-byte limit",
+            ),
+            (
+                "never opened",
+                data(0, 7, b"x"),
+                "frame for stream 7, which was never opened",
+            ),
+            (
+                "wrong parity",
+                data(FLAG_OPEN, 2, b"x"),
+                "stream 2 opened out of order",
+            ),
+            (
+                "reused id",
+                {
+                    let mut v = data(FLAG_OPEN, 3, b"");
+                    v.extend(data(FLAG_OPEN, 1, b""));
+                    v
+                },
+                "stream 1 opened out of order (last was 3)",
+            ),
+            (
+                "beyond the window",
+                {
+                    let mut v = data(FLAG_OPEN, 1, &[]);
+                    let chunk = vec![0u8; MAX_FRAME];
+                    for _ in 0..(INITIAL_WINDOW as usize / MAX_FRAME + 1) {
+                        v.extend(data(0, 1, &chunk));
+                    }
+                    v
+                },
+                "beyond its window",
+            ),
+            (
+                "window overflow",
+                {
+                    let mut v = data(FLAG_OPEN, 1, &[]);
+                    v.extend(frame(TYPE_WINDOW, 0, 1, &[], u32::MAX));
+                    v
+                },
+                "window of stream 1 over 4 GiB",
+            ),
+            (
+                "huge GOAWAY",
+                frame(TYPE_GOAWAY, 0, 0, &[], 1 << 20),
+                "GOAWAY reason of 1048576 bytes",
+            ),
+        ];
+        for (what, bytes, reason) in cases {
+            let (session, mut raw) = proxy_session();
+            // Write from another task: the session may stop reading half-way.
+            let writer = tokio::spawn(async move {
+                let _ = raw.write_all(&bytes).await;
+                raw
+            });
+            tokio::time::timeout(Duration::from_secs(5), session.handle.closed())
+                .await
+                .unwrap_or_else(|_| panic!("{what}: the session ends"));
+            let mut raw = writer.await.unwrap();
+            let said = goaway_reason(&mut raw).await;
+            assert!(said.contains(reason), "{what}: GOAWAY said {said:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_keeps_up_grows_its_window_within_bounds() {
+        let (mut session, mut raw) = proxy_session();
+        raw.write_all(&data(FLAG_OPEN, 1, b"")).await.unwrap();
+        let mut s = session.incoming.accept().await.unwrap();
+        // The raw peer sends whatever credit it is given; the reader reads it all.
+        let chunk = vec![1u8; MAX_FRAME];
+        let mut credit = INITIAL_WINDOW as u64;
+        let mut granted_max = 0u64;
+        let mut received = 0u64;
+        let total = 64u64 << 20;
+        let mut sent = 0u64;
+        let mut buf = vec![0u8; 256 * 1024];
+        while received < total {
+            while credit > 0 && sent < total {
+                let n = credit.min(MAX_FRAME as u64).min(total - sent) as usize;
+                raw.write_all(&data(0, 1, &chunk[..n])).await.unwrap();
+                credit -= n as u64;
+                sent += n as u64;
+            }
+            // Read what arrived, then collect the WINDOW frames it caused.
+            while received < sent {
+                received += s.read(&mut buf).await.unwrap() as u64;
+            }
+            loop {
+                let mut h = [0u8; HEADER];
+                match tokio::time::timeout(Duration::from_millis(50), raw.read_exact(&mut h)).await
+                {
+                    Ok(r) => {
+                        r.unwrap();
+                        assert_eq!(h[0], TYPE_WINDOW);
+                        let grant = u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as u64;
+                        granted_max = granted_max.max(grant);
+                        credit += grant;
+                    }
+                    Err(_) => break,
+                }
+            }
+            assert!(
+                credit > 0 || received == total,
+                "the reader returned no credit"
+            );
+        }
+        // The window grew past its start, and never past the maximum (a grant returns at
+        // most the window's worth consumed plus as much again).
+        assert!(granted_max > INITIAL_WINDOW as u64, "{granted_max}");
+        assert!(granted_max <= MAX_WINDOW as u64, "{granted_max}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_dropped_unfinished_is_reset_and_a_finished_one_is_not() {
+        let (mut session, mut raw) = proxy_session();
+        raw.write_all(&data(FLAG_OPEN, 1, b"a")).await.unwrap();
+        raw.write_all(&data(FLAG_OPEN | FLAG_FIN, 3, b"b"))
+            .await
+            .unwrap();
+        let unfinished = session.incoming.accept().await.unwrap();
+        let mut finished = session.incoming.accept().await.unwrap();
+        let mut rest = Vec::new();
+        finished.read_to_end(&mut rest).await.unwrap();
+        finished.shutdown().await.unwrap();
+        drop(finished);
+        drop(unfinished);
+        // Stream 3: FIN (both ends done, no reset). Stream 1: RESET.
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let mut h = [0u8; HEADER];
+            tokio::time::timeout(Duration::from_secs(5), raw.read_exact(&mut h))
+                .await
+                .expect("frames arrive")
+                .unwrap();
+            let id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+            seen.push((id, h[1]));
+        }
+        assert_eq!(seen, vec![(3, FLAG_FIN), (1, FLAG_RESET)]);
     }
 }
