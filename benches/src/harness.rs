@@ -126,7 +126,20 @@ pub struct Tunnel {
 }
 
 /// A free port on 127.0.0.1 (bound then released; the proxy binds it right after).
+///
+/// Taken below Linux's ephemeral range (32768 and up): a port the kernel hands out for `:0`
+/// can be taken by any outgoing connection before the child process binds it, which once
+/// failed a run with "address already in use".
 pub fn free_port() -> Result<SocketAddr> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..2000 {
+        let port = 10_000 + (start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % 22_000);
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            return Ok(l.local_addr()?);
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
