@@ -78,6 +78,10 @@ pub const MAX_WINDOW: u32 = 16 * 1024 * 1024;
 pub const WINDOW_GROWTH_BUDGET: i64 = 64 * 1024 * 1024;
 /// Frames waiting in the outbox beyond which writers of data wait (control frames never do).
 pub const OUTBOX_LIMIT: usize = 512 * 1024;
+/// Unsent frames beyond which the connection task stops reading (only frames sent in answer
+/// to the peer's, which data writers never wait for, can take the outbox past
+/// [`OUTBOX_LIMIT`]).
+const UNSENT_LIMIT: usize = 4 * OUTBOX_LIMIT;
 /// Free space the read buffer is topped up to before each read.
 const READ_CHUNK: usize = 64 * 1024;
 /// Buffers larger than this are given back when the session goes idle.
@@ -127,6 +131,7 @@ where
         permits: tokio_util::sync::PollSemaphore::new(parts_limit),
         backlog: VecDeque::new(),
         backlog_timer: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
+        refused_opens: 0,
         rbuf: BytesMut::new(),
         sending: Vec::new(),
         sent: 0,
@@ -462,6 +467,8 @@ struct Driver<T> {
     backlog: VecDeque<(TetherStream, tokio::time::Instant)>,
     /// Fires when the front of the backlog has waited long enough.
     backlog_timer: Pin<Box<tokio::time::Sleep>>,
+    /// Peer-opened streams reset for want of a place.
+    refused_opens: u64,
     /// Bytes read and not yet parsed.
     rbuf: BytesMut,
     /// Frames being written, and how much of them is written.
@@ -532,14 +539,30 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         if self.serve_opens(cx) {
             return Ok(Step::Close);
         }
-        if let Poll::Ready(end) = self.poll_read_frames(cx) {
-            return end;
+        // A peer that sends but does not read would make the frames we send in answer
+        // (WINDOW, RESET) pile up: past a limit, stop reading until it reads.
+        let read_paused = self.unsent() > UNSENT_LIMIT;
+        if !read_paused {
+            if let Poll::Ready(end) = self.poll_read_frames(cx) {
+                return end;
+            }
         }
         self.serve_backlog(cx);
-        if self.poll_write_outbox(cx)? {
-            return Ok(Step::Yield);
+        let yield_now = self.poll_write_outbox(cx)?;
+        if read_paused && self.unsent() <= UNSENT_LIMIT {
+            // Writing made room, and nothing else may wake us to read.
+            cx.waker().wake_by_ref();
         }
-        Ok(Step::Continue)
+        Ok(if yield_now {
+            Step::Yield
+        } else {
+            Step::Continue
+        })
+    }
+
+    /// Bytes of frames not yet handed to the connection.
+    fn unsent(&self) -> usize {
+        self.sending.len() - self.sent + lock(&self.conn.outbox).frames.len()
     }
 
     /// Opens the streams our handles asked for. Returns true when every handle is gone and
@@ -574,11 +597,27 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         }
     }
 
+    /// Resets (by dropping) a peer-opened stream there is no place for; says so once per
+    /// session at warn level, then at debug level, so a flood cannot flood the log.
+    fn refused(&mut self, stream: TetherStream) {
+        self.refused_opens += 1;
+        if self.refused_opens == 1 {
+            warn!(
+                peer = %self.peer,
+                "peer opened a stream beyond the session's stream limit and none freed up; \
+                 resetting it (further ones are logged at debug level)"
+            );
+        } else {
+            debug!(peer = %self.peer, refused = self.refused_opens, "reset a stream beyond the limit");
+        }
+        drop(stream);
+    }
+
     /// Puts a peer-opened stream over the limit in the backlog, or resets it (by dropping it)
     /// when the backlog is full.
     fn wait_for_place(&mut self, stream: TetherStream) {
         if self.backlog.len() >= OPEN_BACKLOG {
-            warn!(peer = %self.peer, "peer opened a stream beyond the session's limit; resetting it");
+            self.refused(stream);
             return;
         }
         let deadline = tokio::time::Instant::now() + OPEN_BACKLOG_WAIT;
@@ -604,8 +643,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
             }
             let now = tokio::time::Instant::now();
             while self.backlog.front().is_some_and(|(_, d)| *d <= now) {
-                warn!(peer = %self.peer, "peer opened a stream beyond the session's limit and none freed up; resetting it");
-                self.backlog.pop_front();
+                let (stream, _) = self.backlog.pop_front().expect("not empty");
+                self.refused(stream);
             }
             if let Some((_, d)) = self.backlog.front() {
                 self.backlog_timer.as_mut().reset(*d);
@@ -1105,6 +1144,28 @@ mod tests {
         // most the window's worth consumed plus as much again).
         assert!(granted_max > INITIAL_WINDOW as u64, "{granted_max}");
         assert!(granted_max <= MAX_WINDOW as u64, "{granted_max}");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_opens_streams_and_never_reads_is_held_back() {
+        let (ours, mut raw) = tokio::io::duplex(64 * 1024);
+        let info = SessionInfo {
+            transport: "test",
+            peer: "127.0.0.1:9".parse().unwrap(),
+        };
+        let _session = start(ours, Role::Proxy, info, &SessionConfig { max_streams: 4 });
+        // Every open beyond 4 + the backlog is answered with a RESET that the peer never
+        // reads. 24 MiB of opens would make 24 MiB of answers; the session must stop reading
+        // long before, so this write cannot finish.
+        let mut opens = Vec::new();
+        for i in 0..(24 << 20) / HEADER as u32 {
+            opens.extend(data(FLAG_OPEN, 2 * i + 1, &[]));
+        }
+        let write = tokio::time::timeout(Duration::from_secs(3), raw.write_all(&opens)).await;
+        assert!(
+            write.is_err(),
+            "the session kept reading a peer that does not read"
+        );
     }
 
     #[tokio::test]
