@@ -98,6 +98,14 @@ struct Shared {
     limit: Arc<Semaphore>,
     max_streams: usize,
     closed: CancellationToken,
+    /// Set by a transport that opens streams from the caller's task, without a round trip to
+    /// its driver task.
+    direct: Option<Arc<dyn DirectOpen>>,
+}
+
+/// A transport that opens an outbound stream at once, in the caller's task.
+pub(crate) trait DirectOpen: Send + Sync {
+    fn open(self: Arc<Self>) -> Result<StreamInner, SessionError>;
 }
 
 /// A request from a handle to the driver to open an outbound stream.
@@ -129,6 +137,12 @@ impl SessionHandle {
                 limit: self.shared.max_streams,
             }
         })?;
+        if let Some(direct) = &self.shared.direct {
+            return Ok(MuxStream {
+                inner: direct.clone().open()?,
+                _permit: permit,
+            });
+        }
         let (tx, rx) = oneshot::channel();
         self.opener
             .send(tx)
@@ -275,6 +289,16 @@ impl DriverParts {
 
 /// Builds the shared state, the user-facing [`Session`] and the driver's side of it.
 fn session_parts(info: SessionInfo, cfg: &SessionConfig) -> (Session, DriverParts) {
+    session_parts_with(info, cfg, None)
+}
+
+/// As [`session_parts`], for a transport whose handles open streams with `direct`. The
+/// driver's `open_rx` then receives nothing, and ends once every handle is gone.
+fn session_parts_with(
+    info: SessionInfo,
+    cfg: &SessionConfig,
+    direct: Option<Arc<dyn DirectOpen>>,
+) -> (Session, DriverParts) {
     let limit = Arc::new(Semaphore::new(cfg.max_streams));
     let closed = CancellationToken::new();
     let (open_tx, open_rx) = mpsc::channel(1024);
@@ -285,6 +309,7 @@ fn session_parts(info: SessionInfo, cfg: &SessionConfig) -> (Session, DriverPart
         limit: limit.clone(),
         max_streams: cfg.max_streams,
         closed: closed.clone(),
+        direct,
     });
     let session = Session {
         handle: SessionHandle {

@@ -55,14 +55,17 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::{debug, warn};
 
-use super::{session_parts, DriverParts, Role, Session, SessionConfig, SessionError, SessionInfo};
+use super::{
+    session_parts_with, DirectOpen, DriverParts, Role, Session, SessionConfig, SessionError,
+    SessionInfo, StreamInner,
+};
 
 /// Bytes of a frame header.
 const HEADER: usize = 12;
@@ -107,22 +110,26 @@ where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let peer = info.peer;
-    let (session, parts) = session_parts(info, cfg);
-    let parts_limit = parts.limit.clone();
     let conn = Arc::new(Conn {
-        outbox: Mutex::new(Outbox::default()),
+        outbox: Mutex::new(Outbox {
+            next_id: match role {
+                Role::Agent => 1,
+                Role::Proxy => 2,
+            },
+            ..Default::default()
+        }),
         growth_budget: AtomicI64::new(WINDOW_GROWTH_BUDGET),
+        closed: OnceLock::new(),
     });
+    let (session, parts) = session_parts_with(info, cfg, Some(conn.clone()));
+    let _ = conn.closed.set(parts.closed.clone());
+    let parts_limit = parts.limit.clone();
     let driver = Driver {
         io,
         peer,
         conn,
         parts,
         streams: HashMap::new(),
-        next_id: match role {
-            Role::Agent => 1,
-            Role::Proxy => 2,
-        },
         peer_parity: match role {
             Role::Agent => 0,
             Role::Proxy => 1,
@@ -137,6 +144,7 @@ where
         sent: 0,
         need_flush: false,
         yielded: false,
+        write_blocked: false,
     };
     tokio::spawn(driver.run());
     session
@@ -152,6 +160,37 @@ struct Conn {
     outbox: Mutex<Outbox>,
     /// What is left of [`WINDOW_GROWTH_BUDGET`].
     growth_budget: AtomicI64,
+    /// The session's end, to end it when stream ids run out.
+    closed: OnceLock<tokio_util::sync::CancellationToken>,
+}
+
+impl DirectOpen for Conn {
+    /// Opens a stream from the caller's task: the OPEN frame goes into the outbox, and the
+    /// stream into [`Outbox::opened`], which the connection task adds to its table before it
+    /// sends the frame, so nothing the peer answers can arrive before the stream is known.
+    fn open(self: Arc<Self>) -> Result<StreamInner, SessionError> {
+        let mut out = lock(&self.outbox);
+        if out.closed {
+            return Err(SessionError::Closed);
+        }
+        if out.next_id > u32::MAX - 2 {
+            drop(out);
+            if let Some(c) = self.closed.get() {
+                c.cancel();
+            }
+            return Err(SessionError::Mux(
+                "stream ids exhausted; the session must be re-established".into(),
+            ));
+        }
+        let id = out.next_id;
+        out.next_id += 2;
+        let shared = StreamShared::new(id);
+        out.opened.push(shared.clone());
+        let w = out.push_data(FLAG_OPEN, id, &[]);
+        drop(out);
+        wake(w);
+        Ok(Box::new(TetherStream { shared, conn: self }))
+    }
 }
 
 /// Frames written by streams and not yet taken by the connection task.
@@ -166,6 +205,10 @@ struct Outbox {
     waiting: Vec<Arc<StreamShared>>,
     /// The session has ended: nothing more is sent.
     closed: bool,
+    /// Id of the next stream this side opens.
+    next_id: u32,
+    /// Streams opened since the connection task last looked: it adds them to its table.
+    opened: Vec<Arc<StreamShared>>,
 }
 
 impl Outbox {
@@ -455,8 +498,6 @@ struct Driver<T> {
     parts: DriverParts,
     /// Streams that may still receive frames, by id.
     streams: HashMap<u32, Arc<StreamShared>>,
-    /// Id of the next stream we open.
-    next_id: u32,
     /// `id % 2` of the streams the peer opens.
     peer_parity: u32,
     /// Highest id the peer has opened.
@@ -478,6 +519,9 @@ struct Driver<T> {
     need_flush: bool,
     /// The driver has just yielded ([`Step::Yield`]): take the outbox now.
     yielded: bool,
+    /// The connection did not take everything written to it (the peer is not reading, or
+    /// not fast enough).
+    write_blocked: bool,
 }
 
 /// What the driver does next.
@@ -541,7 +585,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         }
         // A peer that sends but does not read would make the frames we send in answer
         // (WINDOW, RESET) pile up: past a limit, stop reading until it reads.
-        let read_paused = self.unsent() > UNSENT_LIMIT;
+        let read_paused = self.write_blocked && self.unsent() > UNSENT_LIMIT;
         if !read_paused {
             if let Poll::Ready(end) = self.poll_read_frames(cx) {
                 return end;
@@ -549,7 +593,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         }
         self.serve_backlog(cx);
         let yield_now = self.poll_write_outbox(cx)?;
-        if read_paused && self.unsent() <= UNSENT_LIMIT {
+        if read_paused && !(self.write_blocked && self.unsent() > UNSENT_LIMIT) {
             // Writing made room, and nothing else may wake us to read.
             cx.waker().wake_by_ref();
         }
@@ -565,34 +609,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         self.sending.len() - self.sent + lock(&self.conn.outbox).frames.len()
     }
 
-    /// Opens the streams our handles asked for. Returns true when every handle is gone and
-    /// nobody accepts streams: the session has no user left.
+    /// Returns true when every handle is gone and nobody accepts streams: the session has no
+    /// user left. (Handles open streams themselves, [`Conn::open`]; nothing arrives here.)
     fn serve_opens(&mut self, cx: &mut Context<'_>) -> bool {
         loop {
             match self.parts.open_rx.poll_recv(cx) {
                 Poll::Ready(Some(req)) => {
-                    if self.next_id > u32::MAX - 2 {
-                        let _ = req.send(Err(SessionError::Mux(
-                            "stream ids exhausted; the session must be re-established".into(),
-                        )));
-                        self.parts.closed.cancel();
-                        continue;
-                    }
-                    let id = self.next_id;
-                    self.next_id += 2;
-                    let shared = StreamShared::new(id);
-                    self.streams.insert(id, shared.clone());
-                    let w = lock(&self.conn.outbox).push_data(FLAG_OPEN, id, &[]);
-                    wake(w);
-                    let stream = TetherStream {
-                        shared,
-                        conn: self.conn.clone(),
-                    };
-                    // A requester that gave up drops the stream, which resets it.
-                    let _ = req.send(Ok(Box::new(stream)));
+                    let _ = req.send(Err(SessionError::Mux("opened without the driver".into())));
                 }
-                Poll::Ready(None) if self.parts.incoming_tx.is_closed() => return true,
-                Poll::Ready(None) | Poll::Pending => return false,
+                Poll::Ready(None) => return self.parts.incoming_tx.is_closed(),
+                Poll::Pending => return false,
             }
         }
     }
@@ -759,7 +785,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         let existed = if id % 2 == self.peer_parity {
             id != 0 && id <= self.last_peer_id
         } else {
-            id < self.next_id
+            id < lock(&self.conn.outbox).next_id
         };
         if existed {
             Ok(())
@@ -836,6 +862,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
     /// driver should yield before it takes them ([`Step::Yield`]).
     fn poll_write_outbox(&mut self, cx: &mut Context<'_>) -> Result<bool, DriverError> {
         let mut defer = false;
+        self.write_blocked = false;
         loop {
             if self.sent == self.sending.len() {
                 match self.refill(cx) {
@@ -854,14 +881,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
                     self.need_flush = true;
                 }
                 Poll::Ready(Err(e)) => return Err(e.into()),
-                Poll::Pending => break,
+                Poll::Pending => {
+                    self.write_blocked = true;
+                    break;
+                }
             }
         }
         if self.need_flush {
             match Pin::new(&mut self.io).poll_flush(cx) {
                 Poll::Ready(Ok(())) => self.need_flush = false,
                 Poll::Ready(Err(e)) => return Err(e.into()),
-                Poll::Pending => {}
+                Poll::Pending => self.write_blocked = true,
             }
         }
         Ok(defer)
@@ -879,6 +909,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
             return Refill::Defer;
         }
         std::mem::swap(&mut out.frames, &mut self.sending);
+        for s in out.opened.drain(..) {
+            self.streams.insert(s.id, s);
+        }
         let dropped = std::mem::take(&mut out.dropped);
         let waiting = std::mem::take(&mut out.waiting);
         let empty = self.sending.is_empty();
@@ -918,7 +951,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
             let mut out = lock(&self.conn.outbox);
             out.closed = true;
             out.dropped.clear();
-            std::mem::take(&mut out.waiting)
+            let mut leftovers = std::mem::take(&mut out.waiting);
+            leftovers.append(&mut out.opened);
+            leftovers
         };
         for s in self.streams.values().chain(leftovers.iter()) {
             let mut st = lock(&s.state);
