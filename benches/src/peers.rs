@@ -1202,14 +1202,7 @@ pub fn apply_targets(rows: &mut [Row], factor: f64) -> Targets {
         if r.route != "expose" || !(r.compare == Compare::Ratio || latency_row) {
             continue;
         }
-        let peer_rows: Vec<(PeerKind, &Row)> = peer_cols
-            .iter()
-            .filter_map(|k| {
-                rows.iter()
-                    .find(|p| p.route == k.name() && p.case == r.case)
-                    .map(|p| (*k, p))
-            })
-            .collect();
+        let peer_rows = peer_rows_of(rows, &peer_cols, &r.case);
         if peer_rows.is_empty() {
             continue;
         }
@@ -1446,6 +1439,22 @@ pub struct CpuComparison {
     pub text: String,
 }
 
+/// The rows of case `case` measured through each peer of `peer_cols` that has one.
+fn peer_rows_of<'a>(
+    rows: &'a [Row],
+    peer_cols: &[PeerKind],
+    case: &str,
+) -> Vec<(PeerKind, &'a Row)> {
+    peer_cols
+        .iter()
+        .filter_map(|k| {
+            rows.iter()
+                .find(|p| p.route == k.name() && p.case == case)
+                .map(|p| (*k, p))
+        })
+        .collect()
+}
+
 /// CPU per unit of work of both tunnel ends, for every `expose` rate or throughput row with
 /// usage, next to the peers' rows of the same case, and tether ÷ the best (cheapest)
 /// encrypted peer. A cell is the tunnel's CPU per unit, then the bench process' CPU per unit
@@ -1480,14 +1489,7 @@ pub fn cpu_table(rows: &[Row]) -> CpuComparison {
         let Some(c) = r.cpu_per_unit() else {
             continue;
         };
-        let peer_rows: Vec<(PeerKind, &Row)> = peer_cols
-            .iter()
-            .filter_map(|k| {
-                rows.iter()
-                    .find(|p| p.route == k.name() && p.case == r.case)
-                    .map(|p| (*k, p))
-            })
-            .collect();
+        let peer_rows = peer_rows_of(rows, &peer_cols, &r.case);
         let mut best: Option<(PeerKind, f64)> = None;
         for (k, p) in &peer_rows {
             if let (true, Some(pc)) = (k.encrypted(), p.cpu_per_unit()) {
