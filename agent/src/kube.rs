@@ -18,14 +18,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use http::header::{self, HeaderValue};
-use http::{Request, Response, StatusCode, Uri};
+use anyhow::{anyhow, Context, Result};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
@@ -33,7 +34,19 @@ use tether_proto::http::{
     boxed, is_upgrade, remove_hop_by_hop, status_response, strip_caller_credentials, Body,
 };
 use tether_proto::messages::KubeHttp;
+use tether_proto::pool::{ConnPool, SendError};
 use tether_proto::transport::MuxStream;
+
+/// `Impersonate-User`.
+const IMPERSONATE_USER: HeaderName = HeaderName::from_static("impersonate-user");
+/// `Impersonate-Group`.
+const IMPERSONATE_GROUP: HeaderName = HeaderName::from_static("impersonate-group");
+/// How long a connection to the API server may take (TCP and TLS).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an idle connection to the API server is kept.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Most idle connections to the API server kept.
+const MAX_IDLE: usize = 256;
 
 /// How the agent presents callers to its API server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -92,11 +105,18 @@ impl TokenFile {
     }
 }
 
-/// The member's API server, as the kube handler reaches it.
+/// The member's API server, as the kube handler reaches it: HTTP/1.1 over TLS, on pooled
+/// keep-alive connections (an upgrade gets a connection of its own).
 pub struct KubeUpstream {
-    client: Client<HttpsConnector<HttpConnector>, Body>,
-    /// `https://host:port`
+    /// `host:port`
+    addr: String,
+    /// `https://host:port`, for messages.
     base: String,
+    /// The `Host` header of every request.
+    host: HeaderValue,
+    server_name: ServerName<'static>,
+    tls: TlsConnector,
+    pool: Arc<ConnPool<()>>,
     token: Option<TokenFile>,
     identity: IdentityMode,
 }
@@ -108,28 +128,46 @@ impl KubeUpstream {
             .client_identity
             .as_ref()
             .map(|(c, k)| (c.as_str(), k.as_str()));
-        // No ALPN here: the connector sets it (and refuses a config that already has one).
-        let tls = tether_proto::tls::client_config(&creds.ca_pem, &[], identity_pem)
+        let tls = tether_proto::tls::client_config(&creds.ca_pem, &[b"http/1.1"], identity_pem)
             .context("TLS configuration for the API server")?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(10)));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .build(connector);
+        let authority: http::uri::Authority = upstream
+            .parse()
+            .with_context(|| format!("API server address {upstream:?} is not host:port"))?;
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let server_name = ServerName::try_from(host.to_string())
+            .map_err(|_| anyhow!("API server host {host:?} is not a valid TLS server name"))?;
         Ok(KubeUpstream {
-            client,
+            addr: upstream.to_string(),
             base: format!("https://{upstream}"),
+            host: HeaderValue::from_str(upstream).context("API server address")?,
+            server_name,
+            tls: TlsConnector::from(Arc::new(tls)),
+            pool: ConnPool::new(IDLE_TIMEOUT, MAX_IDLE),
             token: creds.token_file.map(TokenFile::new),
             identity,
         })
+    }
+
+    /// A new HTTP/1.1 connection to the API server.
+    async fn connect(&self) -> Result<SendRequest<Body>> {
+        let dial = async {
+            let tcp = TcpStream::connect(&self.addr).await?;
+            tcp.set_nodelay(true)?;
+            self.tls.connect(self.server_name.clone(), tcp).await
+        };
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, dial)
+            .await
+            .map_err(|_| anyhow!("no connection within {CONNECT_TIMEOUT:?}"))??;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(error = %e, "API server connection ended with an error");
+            }
+        });
+        Ok(sender)
     }
 
     /// Serves HTTP/1.1 on a tunnel stream until the proxy closes it, or, once `drain` is
@@ -165,23 +203,17 @@ impl KubeUpstream {
     async fn forward(&self, mut req: Request<Incoming>, who: &KubeHttp) -> Response<Body> {
         let upgrade = is_upgrade(req.headers());
         let caller_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let path = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let uri: Uri = match format!("{}{}", self.base, path).parse() {
-            Ok(u) => u,
-            Err(e) => {
-                return status_response(StatusCode::BAD_REQUEST, &format!("bad request path: {e}"))
-            }
-        };
         let (mut parts, body) = req.into_parts();
-        parts.uri = uri;
+        // Origin form (`/path?query`) for the API server; the proxy only ever sends that.
+        let path = parts.uri.path_and_query().cloned();
+        parts.uri = match path {
+            Some(p) if p.as_str().starts_with('/') => p.into(),
+            _ => return status_response(StatusCode::BAD_REQUEST, "bad request path"),
+        };
         parts.version = http::Version::HTTP_11;
         strip_caller_credentials(&mut parts.headers);
         remove_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(header::HOST);
+        parts.headers.insert(header::HOST, self.host.clone());
         if let Some(token) = &self.token {
             match token.header() {
                 Ok(v) => {
@@ -202,17 +234,25 @@ impl KubeUpstream {
                     "caller user name is not a valid header value",
                 );
             };
-            parts.headers.insert("impersonate-user", user);
+            parts.headers.insert(IMPERSONATE_USER, user);
             for g in &who.groups {
                 if let Ok(v) = HeaderValue::from_str(g) {
-                    parts.headers.append("impersonate-group", v);
+                    parts.headers.append(IMPERSONATE_GROUP, v);
                 }
             }
         }
         let request = Request::from_parts(parts, boxed(body));
-        let resp = match self.client.request(request).await {
-            Ok(r) => r,
+        let sent = self
+            .pool
+            .send(&(), upgrade, request, || self.connect())
+            .await;
+        let (sender, resp) = match sent {
+            Ok(sent) => sent,
             Err(e) => {
+                let e = match e {
+                    SendError::Connect(e) => format!("{e:#}"),
+                    SendError::Http(e) => e.to_string(),
+                };
                 info!(upstream = %self.base, error = %e, "API server unreachable");
                 return status_response(
                     StatusCode::BAD_GATEWAY,
@@ -223,8 +263,6 @@ impl KubeUpstream {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             return tether_proto::http::finish_upgrade(caller_upgrade, resp);
         }
-        let (mut parts, body) = resp.into_parts();
-        remove_hop_by_hop(&mut parts.headers);
-        Response::from_parts(parts, boxed(body))
+        self.pool.relay((), sender, resp, !upgrade)
     }
 }

@@ -86,39 +86,44 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), plus the legacy `Proxy-Connection`.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
+/// `Proxy-Connection`: legacy, but still sent by some clients.
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// `Keep-Alive`.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
-/// Removes hop-by-hop headers (and those named in `Connection`). For an upgrade, keeps
-/// `Connection: Upgrade` and `Upgrade`.
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1: `Connection` and those it names,
+/// `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`, and the legacy
+/// `Proxy-Connection`). For an upgrade, keeps `Connection: Upgrade` and `Upgrade`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let upgrade = is_upgrade(headers);
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(upgrade && n == header::UPGRADE))
-        .collect();
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(upgrade && n == header::UPGRADE))
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+        headers.remove(header::CONNECTION);
+    }
     let kept_upgrade = if upgrade {
         headers.get(header::UPGRADE).cloned()
     } else {
         None
     };
-    for n in named {
-        headers.remove(n);
-    }
-    for h in HOP_BY_HOP {
-        headers.remove(*h);
+    for h in [
+        PROXY_CONNECTION,
+        KEEP_ALIVE,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(h);
     }
     if let Some(u) = kept_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));

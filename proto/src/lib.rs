@@ -8,6 +8,7 @@
 //! - [`transport`]: the Session/Transport layer: one multiplexed session between agent and
 //!   proxy, whatever carries it.
 //! - [`http`]: what both ends of the kube gateway share: `Status` errors, header hygiene.
+//! - [`pool`]: idle HTTP/1.1 client connections, parked again when a response body ends.
 //! - [`process`]: logging set-up and shutdown signals, the same in both binaries.
 //! - [`reply`]: optimistic stream open: bytes follow `StreamOpen` before the agent's reply.
 //! - [`splice`]: copying bytes both ways between two streams, with counters.
@@ -16,6 +17,7 @@ pub mod frame;
 pub mod http;
 pub mod messages;
 pub mod name;
+pub mod pool;
 pub mod process;
 pub mod reply;
 pub mod splice;

@@ -291,6 +291,22 @@ impl TokenVerifier {
 
     /// As [`verify`](Self::verify), at a given time (for tests).
     pub fn verify_at(&self, token: &str, kind: TokenKind, now: u64) -> Result<Claims, TokenError> {
+        self.verify_shared_at(token, kind, now)
+            .map(|c| Claims::clone(&c))
+    }
+
+    /// As [`verify`](Self::verify), returning the cached claims themselves: no copy per call,
+    /// for paths that verify a token on every request (the kube gateway).
+    pub fn verify_shared(&self, token: &str, kind: TokenKind) -> Result<Arc<Claims>, TokenError> {
+        self.verify_shared_at(token, kind, unix_now())
+    }
+
+    fn verify_shared_at(
+        &self,
+        token: &str,
+        kind: TokenKind,
+        now: u64,
+    ) -> Result<Arc<Claims>, TokenError> {
         let token = token.trim();
         if token.len() > MAX_TOKEN_LEN {
             return Err(TokenError::Malformed("longer than 8 KiB"));
@@ -328,7 +344,7 @@ impl TokenVerifier {
                 jti: claims.jti.clone(),
             });
         }
-        Ok(Claims::clone(&claims))
+        Ok(claims)
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Arc<Claims>>> {

@@ -8,23 +8,52 @@
 //!
 //! The token's cluster patterns decide which clusters the caller may reach.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use base64::Engine;
 use tether_proto::token::{Claims, TokenError, TokenKind, TokenVerifier};
 
-/// A verified caller.
+/// A verified caller: a user, its groups, and the cluster patterns it may reach. Cheap to
+/// clone: a token caller shares the verifier's cached claims, so a request copies nothing.
 #[derive(Debug, Clone)]
-pub struct Caller {
+pub enum Caller {
+    /// A client token's claims.
+    Token(Arc<Claims>),
+    /// A client certificate signed by the proxy's CA.
+    Certificate(Arc<CertificateIdentity>),
+}
+
+/// The identity in a client certificate: CN = user, O = groups, OU `clusters=...`.
+#[derive(Debug)]
+pub struct CertificateIdentity {
     pub user: String,
     pub groups: Vec<String>,
     pub clusters: Vec<String>,
 }
 
 impl Caller {
-    pub fn from_claims(c: Claims) -> Self {
-        Caller {
-            user: c.sub,
-            groups: c.groups,
-            clusters: c.clusters,
+    /// The caller's user name.
+    pub fn user(&self) -> &str {
+        match self {
+            Caller::Token(c) => &c.sub,
+            Caller::Certificate(c) => &c.user,
+        }
+    }
+
+    /// The caller's groups.
+    pub fn groups(&self) -> &[String] {
+        match self {
+            Caller::Token(c) => &c.groups,
+            Caller::Certificate(c) => &c.groups,
+        }
+    }
+
+    /// The cluster patterns the caller may reach.
+    pub fn clusters(&self) -> &[String] {
+        match self {
+            Caller::Token(c) => &c.clusters,
+            Caller::Certificate(c) => &c.clusters,
         }
     }
 
@@ -41,15 +70,15 @@ impl Caller {
             .map(|p| p.trim().to_string())
             .filter(|p| !p.is_empty())
             .collect();
-        Some(Caller {
+        Some(Caller::Certificate(Arc::new(CertificateIdentity {
             user,
             groups: info.organizations,
             clusters,
-        })
+        })))
     }
 
     pub fn may_reach(&self, cluster: &str) -> bool {
-        self.clusters
+        self.clusters()
             .iter()
             .any(|p| tether_proto::token::pattern_matches(p, cluster))
     }
@@ -77,7 +106,7 @@ impl CallerAuthError {
 }
 
 /// Extracts the token from an authorization header value (`Bearer T` or `Basic b64(user:T)`).
-pub fn token_from_header(value: Option<&str>) -> Result<String, CallerAuthError> {
+pub fn token_from_header(value: Option<&str>) -> Result<Cow<'_, str>, CallerAuthError> {
     let value = value
         .map(str::trim)
         .filter(|v| !v.is_empty())
@@ -85,7 +114,7 @@ pub fn token_from_header(value: Option<&str>) -> Result<String, CallerAuthError>
     let (scheme, rest) = value.split_once(' ').ok_or(CallerAuthError::Scheme)?;
     let rest = rest.trim();
     if scheme.eq_ignore_ascii_case("bearer") {
-        return Ok(rest.to_string());
+        return Ok(Cow::Borrowed(rest));
     }
     if scheme.eq_ignore_ascii_case("basic") {
         let decoded = base64::engine::general_purpose::STANDARD
@@ -98,7 +127,7 @@ pub fn token_from_header(value: Option<&str>) -> Result<String, CallerAuthError>
         })?;
         // The password is the token; the user name is informational.
         let token = text.split_once(':').map(|(_, p)| p).unwrap_or(&text);
-        return Ok(token.to_string());
+        return Ok(Cow::Owned(token.to_string()));
     }
     Err(CallerAuthError::Scheme)
 }
@@ -109,8 +138,8 @@ pub fn authenticate(
     header: Option<&str>,
 ) -> Result<Caller, CallerAuthError> {
     let token = token_from_header(header)?;
-    let claims = verifier.verify(&token, TokenKind::Client)?;
-    Ok(Caller::from_claims(claims))
+    let claims = verifier.verify_shared(&token, TokenKind::Client)?;
+    Ok(Caller::Token(claims))
 }
 
 #[cfg(test)]
@@ -125,7 +154,7 @@ mod tests {
             key.mint(&Claims::client("alice", vec!["dev".into()], vec!["a".into()], None).unwrap());
         let v = key.verifier();
         let c = authenticate(&v, Some(&format!("Bearer {t}"))).unwrap();
-        assert_eq!(c.user, "alice");
+        assert_eq!(c.user(), "alice");
         assert!(c.may_reach("a") && !c.may_reach("b"));
         let basic = base64::engine::general_purpose::STANDARD.encode(format!("alice:{t}"));
         assert!(authenticate(&v, Some(&format!("Basic {basic}"))).is_ok());

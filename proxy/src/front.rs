@@ -95,8 +95,7 @@ pub async fn serve(
                 .1
                 .peer_certificates()
                 .and_then(|chain| chain.first())
-                .and_then(|der| Caller::from_certificate(der))
-                .map(Arc::new);
+                .and_then(|der| Caller::from_certificate(der));
             let service = hyper::service::service_fn(move |req| {
                 let (front, cert_caller) = (front.clone(), cert_caller.clone());
                 async move { Ok::<_, Infallible>(front.handle(req, peer, cert_caller).await) }
@@ -125,18 +124,18 @@ impl Front {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
-        cert_caller: Option<Arc<Caller>>,
+        cert_caller: Option<Caller>,
     ) -> Response<Body> {
         if req.method() == Method::CONNECT {
             return self.connect(req, peer).await;
         }
-        let Some((cluster, path)) = split_gateway_path(req.uri().path()) else {
+        let Some((cluster, _)) = split_gateway_path(req.uri().path()) else {
             return status_response(
                 StatusCode::NOT_FOUND,
                 "this port serves /clusters/{cluster}/... (the kube gateway) and CONNECT {cluster}:443",
             );
         };
-        let (cluster, path) = (cluster.to_string(), path.to_string());
+        let cluster = cluster.to_string();
         let started = std::time::Instant::now();
         // A bearer token wins over a certificate, as with kube-apiserver.
         let header = req
@@ -144,7 +143,7 @@ impl Front {
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         let caller = match (header, cert_caller) {
-            (None, Some(c)) => Ok((*c).clone()),
+            (None, Some(c)) => Ok(c),
             (header, _) => {
                 let verifier = self.verifier.read().expect("verifier lock");
                 authenticate(&verifier, header)
@@ -163,7 +162,7 @@ impl Front {
                 return self.count_gateway(&cluster, started, resp);
             }
         };
-        let resp = self.gateway.handle(req, caller, &cluster, &path).await;
+        let resp = self.gateway.handle(req, caller, &cluster).await;
         self.count_gateway(&cluster, started, resp)
     }
 
@@ -226,13 +225,13 @@ impl Front {
             self.registry
                 .metrics()
                 .caller_auth_failure("cluster_not_allowed");
-            info!(%peer, %cluster, user = %caller.user, "CONNECT refused: cluster not covered by token");
+            info!(%peer, %cluster, user = %caller.user(), "CONNECT refused: cluster not covered by token");
             return text(
                 StatusCode::FORBIDDEN,
                 &format!(
                     "user {:?} may not reach cluster {cluster:?} (token covers: {})",
-                    caller.user,
-                    caller.clusters.join(",")
+                    caller.user(),
+                    caller.clusters().join(",")
                 ),
             );
         }
@@ -244,11 +243,11 @@ impl Front {
         {
             Ok(t) => t,
             Err(e) => {
-                info!(%peer, %cluster, user = %caller.user, request_id = %request_id, error = %e, "CONNECT failed");
+                info!(%peer, %cluster, user = %caller.user(), request_id = %request_id, error = %e, "CONNECT failed");
                 return text(open_error_status(&e), &e.to_string());
             }
         };
-        let user = caller.user.clone();
+        let user = caller.user().to_string();
         tokio::spawn(async move {
             match hyper::upgrade::on(&mut req).await {
                 Ok(upgraded) => {

@@ -15,11 +15,12 @@
 //!
 //! Failures are Kubernetes `Status` objects: 401, 403, 404, 503, 502.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -30,6 +31,7 @@ use tether_proto::http::{
     boxed, is_upgrade, remove_hop_by_hop, status_response, strip_caller_credentials, Body,
 };
 use tether_proto::messages::{target, KubeHttp, StreamRejectCode, Target};
+use tether_proto::pool::{ConnPool, SendError};
 
 use crate::callers::Caller;
 use crate::front::open_error_status;
@@ -40,21 +42,36 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most idle tunnel streams kept per (cluster, identity).
 pub const MAX_IDLE_PER_KEY: usize = 64;
 
-/// Which pooled connections a request may use: the agent fixed the identity per stream.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Which pooled connections a request may use: the agent fixed the identity per stream, so
+/// streams are shared by requests of the same cluster, user and groups.
+#[derive(Debug, Clone)]
 struct PoolKey {
     cluster: String,
-    user: String,
-    groups: Vec<String>,
+    caller: Caller,
 }
 
-/// Idle HTTP/1.1 connections on tunnel streams, with when each was parked.
-type IdlePool = HashMap<PoolKey, Vec<(SendRequest<Body>, Instant)>>;
+impl PartialEq for PoolKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.cluster == other.cluster
+            && self.caller.user() == other.caller.user()
+            && self.caller.groups() == other.caller.groups()
+    }
+}
+
+impl Eq for PoolKey {}
+
+impl Hash for PoolKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.cluster.hash(state);
+        self.caller.user().hash(state);
+        self.caller.groups().hash(state);
+    }
+}
 
 /// The gateway and its pool of tunnel streams.
 pub struct Gateway {
     registry: Arc<SessionRegistry>,
-    idle: Mutex<IdlePool>,
+    pool: Arc<ConnPool<PoolKey>>,
 }
 
 /// Splits `/clusters/{name}/{rest}` into `(name, /{rest})`.
@@ -66,36 +83,35 @@ pub fn split_gateway_path(path: &str) -> Option<(&str, &str)> {
     }
 }
 
+/// The member's path and query for a gateway request to `cluster`: `/clusters/{cluster}`
+/// taken off the front (`/` if nothing is left of the path).
+fn member_path(uri: &http::Uri, cluster: &str) -> Result<PathAndQuery, http::uri::InvalidUri> {
+    let full = uri.path_and_query().map_or("/", |p| p.as_str());
+    let rest = full
+        .get("/clusters/".len() + cluster.len()..)
+        .unwrap_or_default();
+    if rest.starts_with('/') {
+        PathAndQuery::try_from(rest)
+    } else {
+        PathAndQuery::try_from(format!("/{rest}"))
+    }
+}
+
 impl Gateway {
     pub fn new(registry: Arc<SessionRegistry>) -> Arc<Self> {
-        let gw = Arc::new(Gateway {
+        Arc::new(Gateway {
             registry,
-            idle: Mutex::new(HashMap::new()),
-        });
-        // Sweep idle streams so they do not hold agent resources forever.
-        let weak = Arc::downgrade(&gw);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(IDLE_TIMEOUT / 2);
-            loop {
-                tick.tick().await;
-                let Some(gw) = weak.upgrade() else { return };
-                let mut idle = gw.idle.lock().expect("pool lock");
-                for conns in idle.values_mut() {
-                    conns.retain(|(s, at)| !s.is_closed() && at.elapsed() < IDLE_TIMEOUT);
-                }
-                idle.retain(|_, conns| !conns.is_empty());
-            }
-        });
-        gw
+            pool: ConnPool::new(IDLE_TIMEOUT, MAX_IDLE_PER_KEY),
+        })
     }
 
-    /// Serves one gateway request for an authenticated `caller`.
+    /// Serves one gateway request to `cluster` (its path starts `/clusters/{cluster}`) for an
+    /// authenticated `caller`.
     pub async fn handle(
         self: &Arc<Self>,
         mut req: Request<Incoming>,
         caller: Caller,
         cluster: &str,
-        path: &str,
     ) -> Response<Body> {
         if let Err(e) = tether_proto::name::validate_cluster_name(cluster) {
             return status_response(StatusCode::NOT_FOUND, &e);
@@ -104,121 +120,74 @@ impl Gateway {
             self.registry
                 .metrics()
                 .caller_auth_failure("cluster_not_allowed");
-            info!(%cluster, user = %caller.user, "gateway request refused: cluster not covered");
+            info!(%cluster, user = %caller.user(), "gateway request refused: cluster not covered");
             return status_response(
                 StatusCode::FORBIDDEN,
                 &format!(
                     "user {:?} may not reach cluster {cluster:?} through tether (allowed: {})",
-                    caller.user,
-                    caller.clusters.join(",")
+                    caller.user(),
+                    caller.clusters().join(",")
                 ),
             );
         }
-        let key = PoolKey {
-            cluster: cluster.to_string(),
-            user: caller.user.clone(),
-            groups: caller.groups.clone(),
-        };
         let upgrade = is_upgrade(req.headers());
         let caller_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         // The request as the member will see it.
-        let query = req
-            .uri()
-            .query()
-            .map(|q| format!("?{q}"))
-            .unwrap_or_default();
-        let (mut parts, body) = req.into_parts();
-        parts.uri = match format!("{path}{query}").parse() {
-            Ok(u) => u,
+        let path = match member_path(req.uri(), cluster) {
+            Ok(p) => p,
             Err(e) => return status_response(StatusCode::BAD_REQUEST, &format!("bad path: {e}")),
         };
+        let (mut parts, body) = req.into_parts();
+        parts.uri = path.into();
         parts.version = http::Version::HTTP_11;
         strip_caller_credentials(&mut parts.headers);
         remove_hop_by_hop(&mut parts.headers);
         if let Ok(host) = HeaderValue::from_str(cluster) {
             parts.headers.insert(header::HOST, host);
         }
-        let mut request = Request::from_parts(parts, boxed(body));
+        let request = Request::from_parts(parts, boxed(body));
+        let key = PoolKey {
+            cluster: cluster.to_string(),
+            caller,
+        };
 
-        // A pooled stream may have died since it was parked: hyper hands the request back
-        // when it was not sent, and we try once more on a fresh stream.
-        let mut fresh = upgrade;
-        let (mut sender, resp) = loop {
-            let mut sender = match if fresh { None } else { self.checkout(&key) } {
-                Some(s) => s,
-                None => match self.connect(&key).await {
-                    Ok(s) => s,
-                    Err(resp) => return resp,
-                },
-            };
-            match sender.try_send_request(request).await {
-                Ok(resp) => break (sender, resp),
-                Err(mut e) => match e.take_message() {
-                    Some(req) if !fresh => {
-                        request = req;
-                        fresh = true;
-                    }
-                    _ => {
-                        info!(%cluster, error = %e.error(), "gateway request failed in the tunnel");
-                        return status_response(
-                            StatusCode::BAD_GATEWAY,
-                            &format!("the tunnel to cluster {cluster:?} failed: {}", e.error()),
-                        );
-                    }
-                },
+        // An upgrade always gets a stream of its own.
+        let sent = self
+            .pool
+            .send(&key, upgrade, request, || self.connect(&key))
+            .await;
+        let (sender, resp) = match sent {
+            Ok(sent) => sent,
+            Err(SendError::Connect(resp)) => return resp,
+            Err(SendError::Http(e)) => {
+                info!(%cluster, error = %e, "gateway request failed in the tunnel");
+                return status_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("the tunnel to cluster {cluster:?} failed: {e}"),
+                );
             }
         };
 
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             return tether_proto::http::finish_upgrade(caller_upgrade, resp);
         }
-        if !upgrade {
-            // Park the stream again once this response's body is done.
-            let (gw, key) = (self.clone(), key);
-            tokio::spawn(async move {
-                if sender.ready().await.is_ok() {
-                    gw.checkin(key, sender);
-                }
-            });
-        }
-        let (mut parts, body) = resp.into_parts();
-        remove_hop_by_hop(&mut parts.headers);
-        Response::from_parts(parts, boxed(body))
-    }
-
-    fn checkout(&self, key: &PoolKey) -> Option<SendRequest<Body>> {
-        let mut idle = self.idle.lock().expect("pool lock");
-        let conns = idle.get_mut(key)?;
-        while let Some((s, at)) = conns.pop() {
-            if s.is_ready() && at.elapsed() < IDLE_TIMEOUT {
-                return Some(s);
-            }
-        }
-        None
-    }
-
-    fn checkin(&self, key: PoolKey, sender: SendRequest<Body>) {
-        let mut idle = self.idle.lock().expect("pool lock");
-        let conns = idle.entry(key).or_default();
-        if conns.len() < MAX_IDLE_PER_KEY {
-            conns.push((sender, Instant::now()));
-        }
+        self.pool.relay(key, sender, resp, !upgrade)
     }
 
     /// Opens a tunnel stream carrying the caller's identity and starts HTTP/1.1 on it.
     async fn connect(&self, key: &PoolKey) -> Result<SendRequest<Body>, Response<Body>> {
         let target = Target {
             target: Some(target::Target::KubeHttp(KubeHttp {
-                user: key.user.clone(),
-                groups: key.groups.clone(),
+                user: key.caller.user().to_string(),
+                groups: key.caller.groups().to_vec(),
             })),
         };
         let request_id = tether_proto::token::random_id();
         let tunnel = match self.registry.open(&key.cluster, target, &request_id).await {
             Ok(t) => t,
             Err(e) => {
-                info!(cluster = %key.cluster, user = %key.user, %request_id, error = %e, "gateway could not open a tunnel stream");
+                info!(cluster = %key.cluster, user = %key.caller.user(), %request_id, error = %e, "gateway could not open a tunnel stream");
                 return Err(status_response(gateway_status(&e), &e.to_string()));
             }
         };
@@ -265,5 +234,18 @@ mod tests {
         assert_eq!(split_gateway_path("/clusters/a"), Some(("a", "/")));
         assert_eq!(split_gateway_path("/clusters/a/"), Some(("a", "/")));
         assert_eq!(split_gateway_path("/api"), None);
+    }
+
+    #[test]
+    fn member_paths() {
+        let member = |uri: &str, cluster: &str| {
+            member_path(&uri.parse().unwrap(), cluster)
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(member("/clusters/a/api/v1?watch=1", "a"), "/api/v1?watch=1");
+        assert_eq!(member("/clusters/a", "a"), "/");
+        assert_eq!(member("/clusters/a?x=1", "a"), "/?x=1");
+        assert_eq!(member("/clusters/abc/", "abc"), "/");
     }
 }

@@ -12,7 +12,7 @@ use prometheus_client::registry::Registry;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A gauge holding seconds as a float.
@@ -46,6 +46,13 @@ fn cluster_transport(cluster: &str, transport: &str) -> Labels {
     ]
 }
 
+/// One cluster's children of the gateway families.
+struct GatewayChildren {
+    latency: Histogram,
+    /// By HTTP status code: a handful per cluster.
+    requests: Vec<(u16, Counter)>,
+}
+
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
@@ -62,6 +69,10 @@ pub struct Metrics {
     heartbeat_rtt: Histogram,
     gateway_requests: Family<Labels, Counter>,
     gateway_latency: LatencyFamily,
+    /// Cached children of the gateway families, by cluster: a request builds no labels.
+    gateway_children: RwLock<HashMap<String, GatewayChildren>>,
+    /// Cached child of `stream_opens` for `result="ok"`.
+    stream_opens_ok: Counter,
     /// Seconds until expiry, recomputed from `token_expiry_at` at every scrape.
     token_expiry: Family<Labels, Seconds>,
     token_expiry_at: Mutex<HashMap<String, u64>>,
@@ -92,6 +103,8 @@ impl Metrics {
             heartbeat_rtt: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             gateway_requests: Family::default(),
             gateway_latency: Family::new_with_constructor(latency_histogram),
+            gateway_children: RwLock::new(HashMap::new()),
+            stream_opens_ok: Counter::default(),
             token_expiry: Family::default(),
             token_expiry_at: Mutex::new(HashMap::new()),
             certificate_expiry: Family::default(),
@@ -166,10 +179,12 @@ impl Metrics {
             .bytes
             .get_or_create(&label("direction", "from_agent"))
             .clone();
+        let stream_opens_ok = m.stream_opens.get_or_create(&label("result", "ok")).clone();
         Metrics {
             registry,
             bytes_to_agent,
             bytes_from_agent,
+            stream_opens_ok,
             ..m
         }
     }
@@ -200,6 +215,10 @@ impl Metrics {
 
     /// Counts a stream open attempt by result (`ok`, `no_agent`, `rejected`, ...).
     pub fn stream_open(&self, result: &str) {
+        if result == "ok" {
+            self.stream_opens_ok.inc();
+            return;
+        }
         self.stream_opens
             .get_or_create(&label("result", result))
             .inc();
@@ -238,15 +257,43 @@ impl Metrics {
     /// Counts one kube gateway request. `cluster` must be a bounded label: the caller passes
     /// `_unknown` for names no agent ever connected with.
     pub fn gateway_request(&self, cluster: &str, code: u16, elapsed: Duration) {
-        self.gateway_requests
-            .get_or_create(&vec![
-                ("cluster".into(), cluster.into()),
-                ("code".into(), code.to_string()),
-            ])
-            .inc();
-        self.gateway_latency
-            .get_or_create(&label("cluster", cluster))
-            .observe(elapsed.as_secs_f64());
+        let seconds = elapsed.as_secs_f64();
+        {
+            let children = self.gateway_children.read().expect("metrics lock");
+            if let Some(c) = children.get(cluster) {
+                if let Some((_, counter)) = c.requests.iter().find(|(k, _)| *k == code) {
+                    counter.inc();
+                    c.latency.observe(seconds);
+                    return;
+                }
+            }
+        }
+        let mut children = self.gateway_children.write().expect("metrics lock");
+        let c = children
+            .entry(cluster.to_string())
+            .or_insert_with(|| GatewayChildren {
+                latency: self
+                    .gateway_latency
+                    .get_or_create(&label("cluster", cluster))
+                    .clone(),
+                requests: Vec::new(),
+            });
+        let counter = match c.requests.iter().find(|(k, _)| *k == code) {
+            Some((_, counter)) => counter.clone(),
+            None => {
+                let counter = self
+                    .gateway_requests
+                    .get_or_create(&vec![
+                        ("cluster".into(), cluster.into()),
+                        ("code".into(), code.to_string()),
+                    ])
+                    .clone();
+                c.requests.push((code, counter.clone()));
+                counter
+            }
+        };
+        counter.inc();
+        c.latency.observe(seconds);
     }
 
     /// Records when the token of `cluster`'s agent expires (seconds since the Unix epoch);
