@@ -266,3 +266,36 @@ impl KubeUpstream {
         self.pool.relay((), sender, resp, !upgrade)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds() -> KubeCredentials {
+        let ca = tether_proto::tls::CertificateAuthority::generate("test ca").unwrap();
+        KubeCredentials {
+            ca_pem: ca.cert_pem().to_string(),
+            token_file: None,
+            client_identity: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn api_server_addresses() {
+        for (addr, name) in [
+            ("10.96.0.1:443", "10.96.0.1"),
+            ("[::1]:6443", "::1"),
+            ("kubernetes.default.svc:443", "kubernetes.default.svc"),
+        ] {
+            let k = KubeUpstream::new(addr, creds(), IdentityMode::Impersonate).unwrap();
+            assert_eq!(k.host, addr);
+            assert_eq!(k.server_name.to_str(), name);
+        }
+        for bad in ["no port at all/", "bad host name!:443"] {
+            assert!(
+                KubeUpstream::new(bad, creds(), IdentityMode::Agent).is_err(),
+                "{bad}"
+            );
+        }
+    }
+}
