@@ -4,9 +4,10 @@
 //!
 //! A connection serves one request at a time. Once a response's body has been read to the
 //! end, [`ConnPool::park_on_end`] puts the connection back in the pool from within the body
-//! itself: no task per request waits for the connection to become ready again. A connection
-//! whose response was abandoned half-read is never parked (its state is unknown); it closes
-//! when its last handle drops.
+//! itself: no task per request waits for the connection to become ready again (only a
+//! connection still sending its request body gets one, so that nobody queues behind that
+//! upload). A connection whose response was abandoned half-read is never parked (its state
+//! is unknown); it closes when its last handle drops.
 //!
 //! ```no_run
 //! # async fn demo(req: http::Request<tether_proto::http::Body>) {
@@ -227,9 +228,20 @@ pub struct ParkOnEnd<K: Hash + Eq + Send + 'static> {
 }
 
 impl<K: Hash + Eq + Send + 'static> ParkOnEnd<K> {
+    /// Parks the connection now if it can take a request, else once it can: its request
+    /// body may still be uploading (a server may answer before it has read everything), and
+    /// a request must not wait in the pool behind someone else's upload.
     fn park(&mut self) {
-        if let Some((pool, key, sender)) = self.park.take() {
-            pool.checkin(key, sender);
+        if let Some((pool, key, mut sender)) = self.park.take() {
+            if sender.is_ready() {
+                pool.checkin(key, sender);
+            } else {
+                tokio::spawn(async move {
+                    if sender.ready().await.is_ok() {
+                        pool.checkin(key, sender);
+                    }
+                });
+            }
         }
     }
 }
@@ -316,6 +328,17 @@ mod tests {
         Ok(sender)
     }
 
+    /// Waits (at most 5 s) until the pool holds `n` idle connections.
+    async fn wait_for_idle(pool: &ConnPool<u8>, n: usize) {
+        for _ in 0..500 {
+            if pool.idle_count() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(pool.idle_count(), n);
+    }
+
     fn get() -> Request<Body> {
         Request::get("/")
             .body(crate::http::full(Vec::new()))
@@ -352,7 +375,7 @@ mod tests {
             assert_eq!(round(&pool, addr, &dials, false, true).await, 100_000);
         }
         assert_eq!(dials.load(Ordering::SeqCst), 1);
-        assert_eq!(pool.idle_count(), 1);
+        wait_for_idle(&pool, 1).await;
     }
 
     #[tokio::test]
@@ -366,7 +389,7 @@ mod tests {
             .unwrap();
         // The body is never polled: hyper's server does not poll an empty body either.
         let _resp = pool.relay(1, sender, resp, true);
-        assert_eq!(pool.idle_count(), 1);
+        wait_for_idle(&pool, 1).await;
     }
 
     #[tokio::test]
@@ -388,7 +411,7 @@ mod tests {
         round(&pool, addr, &dials, false, true).await;
         round(&pool, addr, &dials, true, true).await;
         assert_eq!(dials.load(Ordering::SeqCst), 2);
-        assert_eq!(pool.idle_count(), 1);
+        wait_for_idle(&pool, 1).await;
     }
 
     #[tokio::test]
@@ -401,6 +424,80 @@ mod tests {
             assert_eq!(round(&pool, addr, &dials, false, true).await, 10);
         }
         assert_eq!(dials.load(Ordering::SeqCst), 3);
+    }
+
+    /// A request body that sends one chunk and then never ends: an upload still going.
+    struct EndlessUpload {
+        sent: bool,
+    }
+
+    impl HttpBody for EndlessUpload {
+        type Data = Bytes;
+        type Error = crate::http::BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if self.sent {
+                Poll::Pending
+            } else {
+                self.sent = true;
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"upload")))))
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn nobody_waits_behind_an_upload_that_is_still_going() {
+        // A server that answers as soon as it has a request head, then reads on (and
+        // discards) whatever comes, keeping the connection open.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n0123456789";
+                    if tcp.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    while let Ok(n) = tcp.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let pool = ConnPool::new(Duration::from_secs(60), 8);
+        let dials = AtomicUsize::new(0);
+        let upload = Request::post("/")
+            .body(crate::http::boxed(EndlessUpload { sent: false }))
+            .unwrap();
+        let (sender, resp) = pool
+            .send(&1, false, upload, || dial(addr, &dials))
+            .await
+            .unwrap();
+        let body = pool.relay(1, sender, resp, true).into_body();
+        assert_eq!(body.collect().await.unwrap().to_bytes().len(), 10);
+        // The first connection is still uploading: the next request gets a connection of
+        // its own instead of waiting in the pool behind it.
+        let next = tokio::time::timeout(
+            Duration::from_secs(10),
+            round(&pool, addr, &dials, false, true),
+        )
+        .await;
+        assert_eq!(next.expect("the next request waited behind the upload"), 10);
+        assert_eq!(dials.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

@@ -225,21 +225,50 @@ impl<S: AsyncRead + Unpin> AsyncRead for AwaitReply<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for AwaitReply<S> {
+impl<S: AsyncRead + Unpin> AwaitReply<S> {
+    /// A write failed. If the agent refused the stream, its reply came before the stream
+    /// was torn down and is still waiting to be read: the refusal, with its reason, is the
+    /// error to report, not the reset it caused.
+    fn explain<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Ready(Err(e)) if matches!(self.state, State::Waiting(_)) => {
+                match self.poll_reply(cx) {
+                    Poll::Ready(Err(reply @ ReplyError::Rejected { .. })) => {
+                        Poll::Ready(Err(failed(&reply)))
+                    }
+                    _ => Poll::Ready(Err(e)),
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for AwaitReply<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.explain(cx, polled)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.explain(cx, polled)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.explain(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -247,7 +276,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AwaitReply<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.explain(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -314,6 +345,39 @@ mod tests {
         ));
         // Stays failed.
         assert!(s.read(&mut [0u8; 16]).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_write_that_fails_after_a_reject_reports_the_reject() {
+        // The agent refused and tore the stream down before the opener's next write: the
+        // write fails, and the error carries the agent's reason, not just the teardown.
+        let (near, mut far) = tokio::io::duplex(1024);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut s = AwaitReply::new(
+            near,
+            Duration::from_secs(5),
+            Some(Box::new(move |r| tx.send(r.is_err()).unwrap())),
+        );
+        let reply = StreamReply::reject(StreamRejectCode::Unreachable, "no route");
+        far.write_all(&encoded(&reply)).await.unwrap();
+        drop(far);
+        let err = s.write_all(b"more").await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+        assert!(
+            err.get_ref().is_some_and(|e| e.is::<ReplyError>()),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("no route"), "{err}");
+        assert!(rx.recv().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_write_that_fails_without_a_reply_keeps_its_error() {
+        let (near, far) = tokio::io::duplex(1024);
+        let mut s = AwaitReply::new(near, Duration::from_secs(5), None);
+        drop(far);
+        let err = s.write_all(b"more").await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "{err}");
     }
 
     #[tokio::test]
