@@ -71,6 +71,15 @@ impl PeerKind {
         self != PeerKind::Rathole
     }
 
+    /// Its column heading in the comparison tables.
+    fn column(self) -> String {
+        if self.encrypted() {
+            self.name().to_string()
+        } else {
+            format!("{} (no TLS)", self.name())
+        }
+    }
+
     /// The executables it needs.
     fn binaries(self) -> &'static [&'static str] {
         match self {
@@ -1409,13 +1418,7 @@ pub fn apply_targets(rows: &mut [Row], factor: f64) -> Targets {
         let mut header: Vec<String> = ["case", "unit", "direct", "tether"]
             .map(String::from)
             .to_vec();
-        header.extend(peer_cols.iter().map(|k| {
-            if k.encrypted() {
-                k.name().to_string()
-            } else {
-                format!("{} (no TLS)", k.name())
-            }
-        }));
+        header.extend(peer_cols.iter().map(|k| k.column()));
         header.push("tether vs best encrypted".into());
         header.push("tether target, met".into());
         text_table(header, lines)
@@ -1532,13 +1535,7 @@ pub fn cpu_table(rows: &[Row]) -> CpuComparison {
         String::new()
     } else {
         let mut header: Vec<String> = ["case", "CPU per", "tether"].map(String::from).to_vec();
-        header.extend(peer_cols.iter().map(|k| {
-            if k.encrypted() {
-                k.name().to_string()
-            } else {
-                format!("{} (no TLS)", k.name())
-            }
-        }));
+        header.extend(peer_cols.iter().map(|k| k.column()));
         header.push("tether vs best encrypted".into());
         text_table(header, lines)
     };
