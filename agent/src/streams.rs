@@ -87,12 +87,16 @@ impl StreamContext {
     }
 }
 
-/// Accepts streams until the session ends, each in a task tracked by `tracker`.
-pub async fn serve(mut incoming: Incoming, ctx: Arc<StreamContext>, tracker: TaskTracker) {
-    while let Some(stream) = incoming.accept().await {
-        let ctx = ctx.clone();
-        tracker.spawn(handle(stream, ctx));
-    }
+/// Serves streams until the session ends, each in a task tracked by `tracker`.
+///
+/// The session's driver starts each stream's task itself ([`Incoming::serve`]), so a new
+/// stream costs one task wakeup, not two.
+pub async fn serve(incoming: Incoming, ctx: Arc<StreamContext>, tracker: TaskTracker) {
+    incoming
+        .serve(move |stream| {
+            tracker.spawn(handle(stream, ctx.clone()));
+        })
+        .await
 }
 
 async fn handle(mut stream: MuxStream, ctx: Arc<StreamContext>) {

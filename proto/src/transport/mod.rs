@@ -181,15 +181,72 @@ impl SessionHandle {
 }
 
 /// The streams the peer opens, in the order it opened them.
+///
+/// Take them one by one with [`accept`](Self::accept), or hand each to a function the moment
+/// it arrives with [`serve`](Self::serve).
 pub struct Incoming {
     rx: mpsc::Receiver<MuxStream>,
+    handler: Arc<HandlerSlot>,
 }
+
+/// What [`Incoming::serve`] runs on each peer-opened stream.
+type StreamHandler = Arc<dyn Fn(MuxStream) + Send + Sync>;
+
+/// Where the driver looks for a [`StreamHandler`] before it queues a stream for `accept`.
+type HandlerSlot = std::sync::Mutex<Option<StreamHandler>>;
 
 impl Incoming {
     /// The next stream the peer opened; `None` once the session has ended.
     pub async fn accept(&mut self) -> Option<MuxStream> {
         self.rx.recv().await
     }
+
+    /// Runs `handler` on every stream the peer opens, until the session ends or this future
+    /// is dropped.
+    ///
+    /// The transport's driver calls `handler` itself as it reads each new stream, so a
+    /// stream reaches its handler without first waking a task that loops over `accept`
+    /// (one cross-task hand-off less per stream). `handler` therefore must not block or
+    /// wait: spawn a task for the stream's work.
+    ///
+    /// ```no_run
+    /// # async fn run(incoming: tether_proto::transport::Incoming) {
+    /// incoming
+    ///     .serve(|stream| {
+    ///         tokio::spawn(async move {
+    ///             // read the stream's StreamOpen, dial, splice ...
+    ///             drop(stream);
+    ///         });
+    ///     })
+    ///     .await;
+    /// # }
+    /// ```
+    pub async fn serve<F>(mut self, handler: F)
+    where
+        F: Fn(MuxStream) + Send + Sync + 'static,
+    {
+        /// Unregisters the handler when `serve` ends or is dropped: from then on the driver
+        /// queues streams again, and closes them once nobody accepts.
+        struct Unregister(Arc<HandlerSlot>);
+        impl Drop for Unregister {
+            fn drop(&mut self) {
+                *lock_slot(&self.0) = None;
+            }
+        }
+        let handler: StreamHandler = Arc::new(handler);
+        *lock_slot(&self.handler) = Some(handler.clone());
+        let _unregister = Unregister(self.handler.clone());
+        // Streams queued before the handler was registered, or by a driver that looked just
+        // before, still arrive here; the loop ends when the driver is gone.
+        while let Some(stream) = self.rx.recv().await {
+            handler(stream);
+        }
+    }
+}
+
+fn lock_slot(slot: &HandlerSlot) -> std::sync::MutexGuard<'_, Option<StreamHandler>> {
+    // Setting or clearing the slot cannot leave it half-done: take it even if poisoned.
+    slot.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One bidirectional byte stream of a session.
@@ -260,13 +317,15 @@ impl AsyncWrite for MuxStream {
 struct DriverParts {
     open_rx: mpsc::Receiver<OpenRequest>,
     incoming_tx: mpsc::Sender<MuxStream>,
+    /// Set while [`Incoming::serve`] runs: streams go straight to it.
+    handler: Arc<HandlerSlot>,
     limit: Arc<Semaphore>,
     closed: CancellationToken,
 }
 
 impl DriverParts {
-    /// Hands a peer-opened stream to [`Incoming`], or closes it when over the limit or when
-    /// nobody accepts streams any more.
+    /// Hands a peer-opened stream to [`Incoming`] (or its serving handler), or closes it when
+    /// over the limit or when nobody accepts streams any more.
     fn deliver(&self, inner: StreamInner) {
         let Ok(permit) = self.limit.clone().try_acquire_owned() else {
             tracing::warn!("peer opened a stream beyond the session's limit; closing it");
@@ -281,6 +340,10 @@ impl DriverParts {
             inner,
             _permit: permit,
         };
+        let handler = lock_slot(&self.handler).clone();
+        if let Some(handler) = handler {
+            return handler(stream);
+        }
         if self.incoming_tx.try_send(stream).is_err() {
             tracing::warn!("incoming stream queue is full or closed; closing the stream");
         }
@@ -304,6 +367,7 @@ fn session_parts_with(
     let (open_tx, open_rx) = mpsc::channel(1024);
     // Every accepted stream holds a permit, so the queue never needs to exceed the limit.
     let (incoming_tx, incoming_rx) = mpsc::channel(cfg.max_streams.max(1));
+    let handler = Arc::new(HandlerSlot::default());
     let shared = Arc::new(Shared {
         info,
         limit: limit.clone(),
@@ -316,11 +380,15 @@ fn session_parts_with(
             shared,
             opener: open_tx,
         },
-        incoming: Incoming { rx: incoming_rx },
+        incoming: Incoming {
+            rx: incoming_rx,
+            handler: handler.clone(),
+        },
     };
     let parts = DriverParts {
         open_rx,
         incoming_tx,
+        handler,
         limit,
         closed,
     };

@@ -317,6 +317,64 @@ async fn last_words_arrive_after_close_and_drop(carrier: Carrier) {
     assert_eq!(got, b"rejected: reason");
 }
 
+/// Echoes one line of a stream back, to prove it reached a handler.
+async fn echo_once(s: MuxStream) {
+    let (mut r, mut w) = tokio::io::split(s);
+    let _ = tokio::io::copy(&mut r, &mut w).await;
+    let _ = w.shutdown().await;
+}
+
+/// Writes `msg` on a new stream, half-closes, and reads what comes back (`None` if the stream
+/// is closed or reset instead).
+async fn round_trip(handle: &SessionHandle, msg: &[u8]) -> Option<Vec<u8>> {
+    let mut s = handle.open_stream().await.ok()?;
+    s.write_all(msg).await.ok()?;
+    s.shutdown().await.ok()?;
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+        .await
+        .expect("the stream is answered or closed")
+        .ok()?;
+    Some(got)
+}
+
+/// `Incoming::serve` gets the streams queued before it started as well as later ones, and once
+/// it is dropped new streams are closed rather than left waiting.
+async fn serve_hands_every_stream_to_the_handler(carrier: Carrier) {
+    let (agent, proxy) = pair(carrier, SessionConfig::default()).await;
+    // Opened (and delivered) before anyone serves: it waits in the queue.
+    let mut early = proxy.handle.open_stream().await.unwrap();
+    early.write_all(b"early").await.unwrap();
+    early.shutdown().await.unwrap();
+    let (count_tx, mut count_rx) = tokio::sync::mpsc::unbounded_channel();
+    let serving = tokio::spawn(agent.incoming.serve(move |s| {
+        let _ = count_tx.send(());
+        tokio::spawn(echo_once(s));
+    }));
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), early.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"early");
+    for i in 0..20u8 {
+        assert_eq!(round_trip(&proxy.handle, &[i; 3]).await, Some(vec![i; 3]));
+    }
+    let mut served = 0;
+    while count_rx.try_recv().is_ok() {
+        served += 1;
+    }
+    assert_eq!(served, 21, "every stream went through the handler once");
+    // Stop serving: a new stream is closed, not echoed and not left hanging.
+    serving.abort();
+    let _ = serving.await;
+    assert_eq!(
+        round_trip(&proxy.handle, b"late").await.unwrap_or_default(),
+        b""
+    );
+    assert!(count_rx.try_recv().is_err(), "the handler is gone");
+}
+
 /// Runs each test once per carrier.
 macro_rules! per_carrier {
     ($($name:ident),* $(,)?) => {
@@ -355,5 +413,6 @@ per_carrier!(
     peer_beyond_our_limit_gets_its_stream_closed_only,
     close_ends_streams_and_incoming,
     slow_reader_does_not_stall_other_streams,
-    simultaneous_bidirectional_bulk_on_several_streams
+    simultaneous_bidirectional_bulk_on_several_streams,
+    serve_hands_every_stream_to_the_handler
 );
