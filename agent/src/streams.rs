@@ -150,7 +150,7 @@ async fn handle(mut stream: MuxStream, ctx: Arc<StreamContext>) {
     {
         return;
     }
-    let result = tether_proto::splice::splice(stream, upstream, None, None).await;
+    let result = tether_proto::splice::splice_chunks(upstream, stream).await;
     debug!(request_id = %request_id, %addr, ?result, "stream ended");
 }
 

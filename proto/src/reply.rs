@@ -32,11 +32,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
 use crate::messages::{stream_reply, StreamRejectCode, StreamReply};
+use crate::splice::ChunkIo;
 
 /// A reply is a few bytes plus the reject reason; anything longer is not a reply.
 const MAX_REPLY: usize = 16 * 1024;
@@ -283,6 +285,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for AwaitReply<S> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+impl<S: ChunkIo> ChunkIo for AwaitReply<S> {
+    fn moves_chunks(&self) -> bool {
+        self.inner.moves_chunks()
+    }
+
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        if let Err(e) = std::task::ready!(self.poll_reply(cx)) {
+            return Poll::Ready(Err(failed(&e)));
+        }
+        match &mut self.state {
+            State::Leftover(rest, pos) => {
+                let chunk = Bytes::copy_from_slice(&rest[*pos..]);
+                self.state = State::Open;
+                Poll::Ready(Ok(Some(chunk)))
+            }
+            _ => self.inner.poll_read_chunk(cx),
+        }
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        let polled = self.inner.poll_write_chunk(cx, chunk);
+        self.explain(cx, polled)
     }
 }
 

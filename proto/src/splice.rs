@@ -9,13 +9,22 @@
 //! connection costs no buffer at all; a busy one costs [`SPLICE_BUFFER_SMALL`] or
 //! [`SPLICE_BUFFER`] per direction.
 //! Both streams are polled from one task without locks (no `tokio::io::split`).
+//!
+//! Copies: [`splice`] copies each byte once in user space, through its own buffer. Between a
+//! socket and a tunnel stream that moves [`Bytes`] chunks ([`ChunkIo`], tether's own
+//! multiplexer), [`splice_chunks`] copies nothing in user space: what it reads from the
+//! socket is handed to the stream as it is (TLS then encrypts it from there), and what the
+//! stream received (a slice of the buffer TLS decrypted into) is written to the socket as it
+//! is.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
 
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Size of each direction's copy buffer while it is in use.
@@ -59,6 +68,223 @@ where
         }
     })
     .await
+}
+
+/// A stream that hands over what it received, and takes what it sends, as [`Bytes`] chunks,
+/// so that [`splice_chunks`] moves data through it without a copy of its own.
+///
+/// Implemented by [`crate::transport::MuxStream`] and the wrappers the proxy puts around it.
+/// A stream whose transport cannot move chunks says so with [`moves_chunks`](Self::moves_chunks),
+/// and is spliced through a buffer like any other stream; its chunk methods are then never
+/// called.
+pub trait ChunkIo: AsyncRead + AsyncWrite + Unpin {
+    /// Whether the chunk methods below work (and save a copy) on this stream.
+    fn moves_chunks(&self) -> bool;
+
+    /// The next chunk received: `Some` (never empty), or `None` at end of stream.
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>>;
+
+    /// Takes the front of `chunk` for sending (`chunk` is advanced past what was taken);
+    /// `Pending` until it can take something. Flow control decides how much fits.
+    fn poll_write_chunk(&mut self, cx: &mut Context<'_>, chunk: &mut Bytes)
+        -> Poll<io::Result<()>>;
+}
+
+/// As [`splice`], between `socket` (a TCP connection, an upgraded HTTP connection, ...) and
+/// `stream`, without copying in user space when `stream` [moves chunks](ChunkIo).
+///
+/// `Spliced::a_to_b` counts the bytes from `socket` to `stream`.
+pub async fn splice_chunks<S, C>(mut socket: S, mut stream: C) -> io::Result<Spliced>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    C: ChunkIo,
+{
+    if !stream.moves_chunks() {
+        return splice(socket, stream, None, None).await;
+    }
+    let mut up = ToChunks::default();
+    let mut down = FromChunks::default();
+    poll_fn(|cx| {
+        let up_done = up.poll_copy(cx, &mut socket, &mut stream)?.is_ready();
+        let down_done = down.poll_copy(cx, &mut stream, &mut socket)?.is_ready();
+        if up_done && down_done {
+            Poll::Ready(Ok(Spliced {
+                a_to_b: up.total,
+                b_to_a: down.total,
+            }))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Socket to chunk stream: reads into a [`BytesMut`] and hands each read over as a chunk.
+///
+/// The buffer is [`SPLICE_BUFFER_SMALL`] until a read fills it, then [`SPLICE_BUFFER`]; when
+/// the chunks handed over have been sent (the stream dropped them), the next reads reuse the
+/// same allocation. An idle direction holds no buffer.
+#[derive(Default)]
+struct ToChunks {
+    buf: BytesMut,
+    /// Read, and not yet all taken by the stream.
+    pending: Bytes,
+    grow: bool,
+    read_done: bool,
+    finished: bool,
+    total: u64,
+}
+
+impl ToChunks {
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: ChunkIo,
+    {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            while !self.pending.is_empty() {
+                ready!(w.poll_write_chunk(cx, &mut self.pending))?;
+            }
+            if self.read_done {
+                ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                // The peer may already be gone; a failed shutdown does not undo the copy.
+                let _ = ready!(Pin::new(&mut *w).poll_shutdown(cx));
+                self.finished = true;
+                return Poll::Ready(Ok(()));
+            }
+            let want = if self.grow {
+                SPLICE_BUFFER
+            } else {
+                SPLICE_BUFFER_SMALL
+            };
+            if self.buf.capacity() < want {
+                // Reuses the allocation when every chunk cut from it is gone.
+                self.buf.reserve(want);
+            }
+            let room = self.buf.capacity();
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *r), cx, &mut self.buf) {
+                Poll::Ready(Ok(0)) => {
+                    self.read_done = true;
+                    self.buf = BytesMut::new();
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.total += n as u64;
+                    self.grow = n == room;
+                    self.pending = self.buf.split().freeze();
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // Idle: give the buffer back.
+                    (self.buf, self.grow) = (BytesMut::new(), false);
+                    ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// Chunks gathered from a stream before one (vectored) write to the socket.
+const GATHER_CHUNKS: usize = 64;
+/// Bytes gathered from a stream before one write to the socket.
+const GATHER_BYTES: usize = 256 * 1024;
+
+/// Chunk stream to socket: gathers the chunks the stream has ready and writes them to the
+/// socket in one vectored write.
+#[derive(Default)]
+struct FromChunks {
+    queue: VecDeque<Bytes>,
+    queued: usize,
+    need_flush: bool,
+    read_done: bool,
+    finished: bool,
+    total: u64,
+}
+
+impl FromChunks {
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+    ) -> Poll<io::Result<()>>
+    where
+        R: ChunkIo,
+        W: AsyncRead + AsyncWrite + Unpin,
+    {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            while !self.read_done && self.queue.len() < GATHER_CHUNKS && self.queued < GATHER_BYTES
+            {
+                match r.poll_read_chunk(cx) {
+                    Poll::Ready(Ok(Some(chunk))) => {
+                        self.queued += chunk.len();
+                        self.queue.push_back(chunk);
+                    }
+                    Poll::Ready(Ok(None)) => self.read_done = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => break,
+                }
+            }
+            if self.queue.is_empty() {
+                if self.need_flush {
+                    ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                    self.need_flush = false;
+                }
+                if !self.read_done {
+                    // Idle (the read registered the wakeup): keep no memory.
+                    if self.queue.capacity() > GATHER_CHUNKS / 8 {
+                        self.queue = VecDeque::new();
+                    }
+                    return Poll::Pending;
+                }
+                // The peer may already be gone; a failed shutdown does not undo the copy.
+                let _ = ready!(Pin::new(&mut *w).poll_shutdown(cx));
+                self.finished = true;
+                return Poll::Ready(Ok(()));
+            }
+            let n = if self.queue.len() == 1 {
+                ready!(Pin::new(&mut *w).poll_write(cx, &self.queue[0]))?
+            } else {
+                let mut slices = [io::IoSlice::new(&[]); GATHER_CHUNKS];
+                for (slot, chunk) in slices.iter_mut().zip(self.queue.iter()) {
+                    *slot = io::IoSlice::new(chunk);
+                }
+                let count = self.queue.len();
+                ready!(Pin::new(&mut *w).poll_write_vectored(cx, &slices[..count]))?
+            };
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.total += n as u64;
+            self.queued -= n;
+            self.need_flush = true;
+            let mut left = n;
+            while left > 0 {
+                let front = self
+                    .queue
+                    .front_mut()
+                    .expect("wrote no more than was queued");
+                if front.len() <= left {
+                    left -= front.len();
+                    self.queue.pop_front();
+                } else {
+                    front.advance(left);
+                    left = 0;
+                }
+            }
+        }
+    }
 }
 
 /// First buffer of a direction that wakes up: enough for a request or a response of an

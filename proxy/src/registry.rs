@@ -170,7 +170,7 @@ impl TunnelStream {
     where
         C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        tether_proto::splice::splice(client, self.into_io(), None, None).await
+        tether_proto::splice::splice_chunks(client, self.into_io()).await
     }
 }
 
@@ -232,6 +232,40 @@ impl tokio::io::AsyncWrite for CountedStream {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl tether_proto::splice::ChunkIo for CountedStream {
+    fn moves_chunks(&self) -> bool {
+        self.stream.moves_chunks()
+    }
+
+    fn poll_read_chunk(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<Option<bytes::Bytes>>> {
+        let poll = self.stream.poll_read_chunk(cx);
+        if let std::task::Poll::Ready(Ok(Some(chunk))) = &poll {
+            let n = chunk.len() as u64;
+            self.agent.bytes_from_agent.fetch_add(n, Ordering::Relaxed);
+            self.metrics.bytes(0, n);
+        }
+        poll
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        chunk: &mut bytes::Bytes,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = chunk.len();
+        let poll = self.stream.poll_write_chunk(cx, chunk);
+        let n = (before - chunk.len()) as u64;
+        if n > 0 {
+            self.agent.bytes_to_agent.fetch_add(n, Ordering::Relaxed);
+            self.metrics.bytes(n, 0);
+        }
+        poll
     }
 }
 

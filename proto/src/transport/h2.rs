@@ -266,6 +266,8 @@ fn to_io(e: h2::Error) -> io::Error {
     }
 }
 
+impl super::RawStream for H2Stream {}
+
 impl AsyncRead for H2Stream {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -33,9 +33,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+
+use crate::splice::ChunkIo;
 
 /// Which end of the session this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,12 +261,31 @@ pub struct MuxStream {
     _permit: OwnedSemaphorePermit,
 }
 
-/// The transport-specific stream inside a [`MuxStream`]: anything that reads and writes.
+/// The transport-specific stream inside a [`MuxStream`]: anything that reads and writes, and
+/// may move [`Bytes`] chunks without a copy (see [`ChunkIo`]; by default it does not).
 ///
 /// Each transport hands its native stream type over boxed, so adding a transport never
 /// touches this module. (One allocation per stream; reads and writes go through a vtable.)
-pub(crate) trait RawStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> RawStream for T {}
+pub(crate) trait RawStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    fn moves_chunks(&self) -> bool {
+        false
+    }
+
+    fn poll_read_chunk(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        Poll::Ready(Err(no_chunks()))
+    }
+
+    fn poll_write_chunk(&mut self, _cx: &mut Context<'_>, _: &mut Bytes) -> Poll<io::Result<()>> {
+        Poll::Ready(Err(no_chunks()))
+    }
+}
+
+fn no_chunks() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "this transport's streams do not move chunks",
+    )
+}
 
 type StreamInner = Box<dyn RawStream>;
 
@@ -310,6 +332,24 @@ impl AsyncWrite for MuxStream {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+impl ChunkIo for MuxStream {
+    fn moves_chunks(&self) -> bool {
+        self.inner.moves_chunks()
+    }
+
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        self.inner.poll_read_chunk(cx)
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        self.inner.poll_write_chunk(cx, chunk)
     }
 }
 

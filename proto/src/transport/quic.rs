@@ -607,6 +607,8 @@ struct QuicStream {
     recv: quinn::RecvStream,
 }
 
+impl super::RawStream for QuicStream {}
+
 impl AsyncRead for QuicStream {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -375,6 +375,58 @@ async fn serve_hands_every_stream_to_the_handler(carrier: Carrier) {
     assert!(count_rx.try_recv().is_err(), "the handler is gone");
 }
 
+/// A TCP connection spliced to a stream with `splice_chunks` (without a copy over tether's
+/// multiplexer, through a buffer over the others) carries bulk both ways at once, whole and
+/// in order, and small writes, and half-closes.
+async fn splice_chunks_carries_bulk_and_small_writes_both_ways(carrier: Carrier) {
+    let (agent, proxy) = pair(carrier, SessionConfig::default()).await;
+    echo_server(agent.incoming);
+    let stream = proxy.handle.open_stream().await.unwrap();
+    assert_eq!(
+        crate::splice::ChunkIo::moves_chunks(&stream),
+        matches!(carrier, Carrier::Tls(Mux::Tether))
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (socket, _) = listener.accept().await.unwrap();
+    let splicer = tokio::spawn(crate::splice::splice_chunks(socket, stream));
+    // Small writes first: each comes back before the next goes.
+    for i in 0..50u8 {
+        client.write_all(&[i; 3]).await.unwrap();
+        let mut back = [0u8; 3];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, [i; 3]);
+    }
+    // Then 8 MiB each way at once.
+    let data: Vec<u8> = (0..8 * 1024 * 1024u32)
+        .map(|i| (i % 251) as u8 ^ (i >> 16) as u8)
+        .collect();
+    let (mut rd, mut wr) = client.into_split();
+    let send = data.clone();
+    let writer = tokio::spawn(async move {
+        for piece in send.chunks(100_003) {
+            wr.write_all(piece).await.unwrap();
+        }
+        wr.shutdown().await.unwrap();
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut got))
+        .await
+        .expect("the echo ends")
+        .unwrap();
+    writer.await.unwrap();
+    assert!(got == data, "{} bytes back, {} sent", got.len(), data.len());
+    let spliced = tokio::time::timeout(Duration::from_secs(5), splicer)
+        .await
+        .expect("the splice ends after both halves close")
+        .unwrap()
+        .unwrap();
+    assert_eq!(spliced.a_to_b, data.len() as u64 + 150);
+    assert_eq!(spliced.b_to_a, data.len() as u64 + 150);
+}
+
 /// Runs each test once per carrier.
 macro_rules! per_carrier {
     ($($name:ident),* $(,)?) => {
@@ -414,5 +466,6 @@ per_carrier!(
     close_ends_streams_and_incoming,
     slow_reader_does_not_stall_other_streams,
     simultaneous_bidirectional_bulk_on_several_streams,
-    serve_hands_every_stream_to_the_handler
+    serve_hands_every_stream_to_the_handler,
+    splice_chunks_carries_bulk_and_small_writes_both_ways
 );

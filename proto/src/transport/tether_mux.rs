@@ -8,12 +8,15 @@
 //!
 //! - **Writing.** A stream copies its frame straight into the session's [`Outbox`] (one copy,
 //!   no allocation) and wakes the connection task only when the outbox goes from empty to not
-//!   empty. The task then hands everything in the outbox to TLS in one write: frames that many
-//!   streams wrote between two wakeups leave together, in as few TLS records and syscalls as
-//!   their size allows.
+//!   empty. The task then hands everything in the outbox to TLS in one (vectored) write:
+//!   frames that many streams wrote between two wakeups leave together, in as few TLS records
+//!   and syscalls as their size allows. A body handed over as a [`Bytes`] chunk
+//!   ([`ChunkIo`](crate::splice::ChunkIo), which [`crate::splice::splice_chunks`] uses) is not copied at all: the
+//!   outbox keeps the chunk, and TLS encrypts straight from it.
 //! - **Reading.** The connection task reads TLS into one buffer and gives each DATA frame's
 //!   body to its stream as a [`Bytes`] slice of that buffer (no copy, no allocation per frame).
-//!   The stream's reader copies it into the caller's buffer.
+//!   The stream's reader copies it into the caller's buffer, or takes the slice itself
+//!   ([`ChunkIo::poll_read_chunk`](crate::splice::ChunkIo::poll_read_chunk)).
 //!
 //! # Wire format
 //!
@@ -56,7 +59,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -89,6 +92,11 @@ const UNSENT_LIMIT: usize = 4 * OUTBOX_LIMIT;
 const READ_CHUNK: usize = 64 * 1024;
 /// Buffers larger than this are given back when the session goes idle.
 const IDLE_KEEP: usize = 16 * 1024;
+/// Bodies handed over as chunks that are at most this long are copied into the outbox
+/// instead: for a small body a copy costs less than keeping the chunk.
+const INLINE_BODY: usize = 2 * 1024;
+/// Pieces (runs of frame bytes, chunks) handed to the connection in one vectored write.
+const WRITE_PIECES: usize = 64;
 /// Reads the connection task makes per wakeup before letting other tasks run.
 const READS_PER_WAKEUP: usize = 16;
 /// Peer-opened streams that may wait for a place under the session's stream limit (the peer
@@ -140,8 +148,7 @@ where
         backlog_timer: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
         refused_opens: 0,
         rbuf: BytesMut::new(),
-        sending: Vec::new(),
-        sent: 0,
+        sending: Frames::default(),
         need_flush: false,
         yielded: false,
         write_blocked: false,
@@ -193,10 +200,109 @@ impl DirectOpen for Conn {
     }
 }
 
+/// Frames in the order they are to be sent: headers and copied bodies in one buffer, bodies
+/// handed over as chunks kept as they are, each at its place between those bytes.
+#[derive(Default)]
+struct Frames {
+    bytes: Vec<u8>,
+    /// Chunks to send, each with the offset in `bytes` it goes before, in order.
+    chunks: VecDeque<(usize, Bytes)>,
+    chunk_bytes: usize,
+    /// Bytes of `bytes` already written (the connection task's progress).
+    written: usize,
+}
+
+impl Frames {
+    /// Bytes not yet written.
+    fn len(&self) -> usize {
+        self.bytes.len() - self.written + self.chunk_bytes
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn header(&mut self, kind: u8, flags: u8, id: u32, length: u32) {
+        self.bytes.extend_from_slice(&[kind, flags, 0, 0]);
+        self.bytes.extend_from_slice(&id.to_be_bytes());
+        self.bytes.extend_from_slice(&length.to_be_bytes());
+    }
+
+    fn chunk(&mut self, chunk: Bytes) {
+        self.chunk_bytes += chunk.len();
+        self.chunks.push_back((self.bytes.len(), chunk));
+    }
+
+    /// Fills `slices` with what is left to write, in order; returns how many it filled.
+    fn io_slices<'a>(&'a self, slices: &mut [io::IoSlice<'a>]) -> usize {
+        let mut pos = self.written;
+        let mut n = 0;
+        for (at, chunk) in &self.chunks {
+            if n + 2 > slices.len() {
+                return n;
+            }
+            if *at > pos {
+                slices[n] = io::IoSlice::new(&self.bytes[pos..*at]);
+                n += 1;
+                pos = *at;
+            }
+            slices[n] = io::IoSlice::new(chunk);
+            n += 1;
+        }
+        if pos < self.bytes.len() && n < slices.len() {
+            slices[n] = io::IoSlice::new(&self.bytes[pos..]);
+            n += 1;
+        }
+        n
+    }
+
+    /// Marks `n` more bytes written.
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            match self.chunks.front_mut() {
+                Some((at, chunk)) if *at == self.written => {
+                    let k = n.min(chunk.len());
+                    chunk.advance(k);
+                    self.chunk_bytes -= k;
+                    n -= k;
+                    if chunk.is_empty() {
+                        self.chunks.pop_front();
+                    }
+                }
+                next => {
+                    let end = next.map_or(self.bytes.len(), |(at, _)| *at);
+                    let k = n.min(end - self.written);
+                    assert!(k > 0, "advanced past the end of the frames");
+                    self.written += k;
+                    n -= k;
+                }
+            }
+        }
+    }
+
+    /// Everything left to write, as one buffer (for the last words of a session).
+    fn to_vec(&self) -> Vec<u8> {
+        let mut slices = vec![io::IoSlice::new(&[]); self.chunks.len() * 2 + 1];
+        let n = self.io_slices(&mut slices);
+        let mut all = Vec::with_capacity(self.len());
+        for slice in &slices[..n] {
+            all.extend_from_slice(slice);
+        }
+        all
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.chunks.clear();
+        self.chunk_bytes = 0;
+        self.written = 0;
+    }
+}
+
 /// Frames written by streams and not yet taken by the connection task.
 #[derive(Default)]
 struct Outbox {
-    frames: Vec<u8>,
+    frames: Frames,
     /// Streams dropped since the connection task last looked: it forgets them.
     dropped: Vec<u32>,
     /// The connection task, when it is waiting for frames.
@@ -215,21 +321,40 @@ impl Outbox {
     /// Appends one frame; returns the connection task's waker if it must be woken (after the
     /// caller releases the lock).
     fn push(&mut self, kind: u8, flags: u8, id: u32, body: &[u8], length: u32) -> Option<Waker> {
-        let was_empty = self.frames.is_empty() && self.dropped.is_empty();
-        self.frames.reserve(HEADER + body.len());
-        self.frames.extend_from_slice(&[kind, flags, 0, 0]);
-        self.frames.extend_from_slice(&id.to_be_bytes());
-        self.frames.extend_from_slice(&length.to_be_bytes());
-        self.frames.extend_from_slice(body);
+        let was_empty = self.is_empty();
+        self.frames.bytes.reserve(HEADER + body.len());
+        self.frames.header(kind, flags, id, length);
+        self.frames.bytes.extend_from_slice(body);
+        self.woken_if(was_empty)
+    }
+
+    fn push_data(&mut self, flags: u8, id: u32, body: &[u8]) -> Option<Waker> {
+        self.push(TYPE_DATA, flags, id, body, body.len() as u32)
+    }
+
+    /// Appends a DATA frame whose body is sent from `body` itself, or copied when small.
+    fn push_chunk(&mut self, id: u32, body: Bytes) -> Option<Waker> {
+        if body.len() <= INLINE_BODY {
+            return self.push_data(0, id, &body);
+        }
+        let was_empty = self.is_empty();
+        self.frames.header(TYPE_DATA, 0, id, body.len() as u32);
+        self.frames.chunk(body);
+        self.woken_if(was_empty)
+    }
+
+    /// Nothing for the connection task to do.
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty() && self.dropped.is_empty()
+    }
+
+    /// The connection task's waker, if the outbox was empty before (so it may be asleep).
+    fn woken_if(&mut self, was_empty: bool) -> Option<Waker> {
         if was_empty {
             self.driver.take()
         } else {
             None
         }
-    }
-
-    fn push_data(&mut self, flags: u8, id: u32, body: &[u8]) -> Option<Waker> {
-        self.push(TYPE_DATA, flags, id, body, body.len() as u32)
     }
 }
 
@@ -335,6 +460,14 @@ impl AsyncRead for TetherStream {
             }
             read += n;
         }
+        self.consumed(st, read);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl TetherStream {
+    /// The reader took `read` bytes: return credit to the peer when it is due.
+    fn consumed(&self, mut st: MutexGuard<'_, StreamState>, read: usize) {
         st.consumed += read as u32;
         // Return credit once half the window is used, so the peer never runs dry while the
         // reader keeps up.
@@ -364,15 +497,15 @@ impl AsyncRead for TetherStream {
             drop(st);
             wake(w);
         }
-        Poll::Ready(Ok(()))
     }
-}
 
-impl AsyncWrite for TetherStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
+    /// Waits for credit and outbox room to send up to `len` bytes (`len` > 0), then has
+    /// `push` queue the first `n` of them and returns `n`.
+    fn poll_send(
+        &self,
         cx: &mut Context<'_>,
-        buf: &[u8],
+        len: usize,
+        push: impl FnOnce(&mut Outbox, usize) -> Option<Waker>,
     ) -> Poll<io::Result<usize>> {
         let mut st = lock(&self.shared.state);
         if st.reset {
@@ -387,14 +520,11 @@ impl AsyncWrite for TetherStream {
                 "write after shutdown",
             )));
         }
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
         if st.send_credit == 0 {
             st.writer = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        let n = buf.len().min(MAX_FRAME).min(st.send_credit as usize);
+        let n = len.min(MAX_FRAME).min(st.send_credit as usize);
         let mut out = lock(&self.conn.outbox);
         if out.closed {
             return Poll::Ready(Err(Self::closed_error()));
@@ -407,12 +537,26 @@ impl AsyncWrite for TetherStream {
             }
             return Poll::Pending;
         }
-        let w = out.push_data(0, self.shared.id, &buf[..n]);
+        let w = push(&mut out, n);
         drop(out);
         st.send_credit -= n as u64;
         drop(st);
         wake(w);
         Poll::Ready(Ok(n))
+    }
+}
+
+impl AsyncWrite for TetherStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let id = self.shared.id;
+        self.poll_send(cx, buf.len(), |out, n| out.push_data(0, id, &buf[..n]))
     }
 
     /// Written frames are in the session's outbox, which the connection task sends as soon
@@ -430,6 +574,45 @@ impl AsyncWrite for TetherStream {
         let w = lock(&self.conn.outbox).push_data(FLAG_FIN, self.shared.id, &[]);
         drop(st);
         wake(w);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl super::RawStream for TetherStream {
+    fn moves_chunks(&self) -> bool {
+        true
+    }
+
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        let mut st = lock(&self.shared.state);
+        let Some(chunk) = st.recv.pop_front() else {
+            if st.recv_fin {
+                return Poll::Ready(Ok(None));
+            }
+            if st.reset {
+                return Poll::Ready(Err(Self::reset_error()));
+            }
+            if st.gone {
+                return Poll::Ready(Err(Self::closed_error()));
+            }
+            st.reader = Some(cx.waker().clone());
+            return Poll::Pending;
+        };
+        self.consumed(st, chunk.len());
+        Poll::Ready(Ok(Some(chunk)))
+    }
+
+    fn poll_write_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        if chunk.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        let id = self.shared.id;
+        let len = chunk.len();
+        ready!(self.poll_send(cx, len, |out, n| out.push_chunk(id, chunk.split_to(n))))?;
         Poll::Ready(Ok(()))
     }
 }
@@ -454,7 +637,7 @@ impl Drop for TetherStream {
             if reset {
                 w = out.push_data(FLAG_RESET, self.shared.id, &[]);
             }
-            let was_empty = out.frames.is_empty() && out.dropped.is_empty();
+            let was_empty = out.is_empty();
             out.dropped.push(self.shared.id);
             if was_empty {
                 w = out.driver.take();
@@ -512,9 +695,8 @@ struct Driver<T> {
     refused_opens: u64,
     /// Bytes read and not yet parsed.
     rbuf: BytesMut,
-    /// Frames being written, and how much of them is written.
-    sending: Vec<u8>,
-    sent: usize,
+    /// Frames being written.
+    sending: Frames,
     /// Bytes handed to TLS since the last flush.
     need_flush: bool,
     /// The driver has just yielded ([`Step::Yield`]): take the outbox now.
@@ -606,7 +788,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
 
     /// Bytes of frames not yet handed to the connection.
     fn unsent(&self) -> usize {
-        self.sending.len() - self.sent + lock(&self.conn.outbox).frames.len()
+        self.sending.len() + lock(&self.conn.outbox).frames.len()
     }
 
     /// Returns true when every handle is gone and nobody accepts streams: the session has no
@@ -864,7 +1046,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         let mut defer = false;
         self.write_blocked = false;
         loop {
-            if self.sent == self.sending.len() {
+            if self.sending.is_empty() {
                 match self.refill(cx) {
                     Refill::Empty => break,
                     Refill::Defer => {
@@ -874,10 +1056,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
                     Refill::Ready => continue,
                 }
             }
-            match Pin::new(&mut self.io).poll_write(cx, &self.sending[self.sent..]) {
+            let mut slices = [io::IoSlice::new(&[]); WRITE_PIECES];
+            let count = self.sending.io_slices(&mut slices);
+            let written = if count == 1 {
+                Pin::new(&mut self.io).poll_write(cx, &slices[0])
+            } else {
+                Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count])
+            };
+            match written {
                 Poll::Ready(Ok(0)) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
                 Poll::Ready(Ok(n)) => {
-                    self.sent += n;
+                    self.sending.advance(n);
                     self.need_flush = true;
                 }
                 Poll::Ready(Err(e)) => return Err(e.into()),
@@ -902,9 +1091,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
     /// the driver has just yielded, frames in the outbox are left for after a yield.
     fn refill(&mut self, cx: &mut Context<'_>) -> Refill {
         self.sending.clear();
-        self.sent = 0;
         let mut out = lock(&self.conn.outbox);
-        let waiting_frames = !out.frames.is_empty() || !out.dropped.is_empty();
+        let waiting_frames = !out.is_empty();
         if waiting_frames && !std::mem::take(&mut self.yielded) {
             return Refill::Defer;
         }
@@ -918,13 +1106,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         if empty {
             out.driver = Some(cx.waker().clone());
             // Idle: keep small buffers only.
-            if out.frames.capacity() > IDLE_KEEP {
-                out.frames = Vec::new();
+            if out.frames.bytes.capacity() > IDLE_KEEP {
+                out.frames = Frames::default();
             }
         }
         drop(out);
-        if empty && self.sending.capacity() > IDLE_KEEP {
-            self.sending = Vec::new();
+        if empty && self.sending.bytes.capacity() > IDLE_KEEP {
+            self.sending = Frames::default();
         }
         for id in dropped {
             self.streams.remove(&id);
@@ -971,14 +1159,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         if let Some(reason) = goodbye {
             // What was queued, then GOAWAY and TLS close_notify; never wait long for a peer
             // that is gone.
-            let mut tail = std::mem::take(&mut self.sending);
-            tail.drain(..self.sent);
-            tail.extend_from_slice(&std::mem::take(&mut lock(&self.conn.outbox).frames));
+            let mut tail = self.sending.to_vec();
+            tail.extend_from_slice(&lock(&self.conn.outbox).frames.to_vec());
             let mut reason = reason.into_bytes();
             reason.truncate(MAX_GOAWAY_REASON);
             let mut out = Outbox::default();
             out.push(TYPE_GOAWAY, 0, 0, &reason, reason.len() as u32);
-            tail.extend_from_slice(&out.frames);
+            tail.extend_from_slice(&out.frames.bytes);
             let bye = async {
                 use tokio::io::AsyncWriteExt;
                 self.io.write_all(&tail).await?;
@@ -1014,7 +1201,7 @@ mod tests {
     fn frame(kind: u8, flags: u8, id: u32, body: &[u8], length: u32) -> Vec<u8> {
         let mut out = Outbox::default();
         out.push(kind, flags, id, body, length);
-        out.frames
+        out.frames.bytes
     }
 
     fn data(flags: u8, id: u32, body: &[u8]) -> Vec<u8> {
@@ -1039,6 +1226,58 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), read)
             .await
             .expect("GOAWAY arrives")
+    }
+
+    /// Chunks and copied bodies, written out in pieces of every size, come out whole and in
+    /// order.
+    #[test]
+    fn frames_with_chunks_written_in_odd_pieces_keep_their_order() {
+        let body = |len: usize, seed: u8| -> Vec<u8> {
+            (0..len)
+                .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+                .collect()
+        };
+        let mut out = Outbox::default();
+        let mut expected = Vec::new();
+        for (i, len) in [5000, 10, 3000, 0, 70_000, 2049, 1].into_iter().enumerate() {
+            let b = body(len.min(MAX_FRAME), i as u8);
+            expected.extend_from_slice(&data(0, 7, &b));
+            let _ = out.push_chunk(7, Bytes::from(b));
+            if i % 3 == 0 {
+                let _ = out.push(TYPE_WINDOW, 0, 9, &[], 1234);
+                expected.extend_from_slice(&frame(TYPE_WINDOW, 0, 9, &[], 1234));
+            }
+        }
+        assert!(
+            out.frames.chunks.len() >= 3,
+            "large bodies are kept as chunks"
+        );
+        assert_eq!(out.frames.len(), expected.len());
+        assert_eq!(out.frames.to_vec(), expected);
+        for step in [1usize, 7, 4096, 65_537] {
+            let mut frames = Frames {
+                bytes: out.frames.bytes.clone(),
+                chunks: out.frames.chunks.clone(),
+                chunk_bytes: out.frames.chunk_bytes,
+                written: 0,
+            };
+            let mut got = Vec::new();
+            // A connection that takes `step` bytes per write, at most three slices at a time.
+            while !frames.is_empty() {
+                let mut slices = [io::IoSlice::new(&[]); 3];
+                let n = frames.io_slices(&mut slices);
+                assert!(n > 0);
+                let mut take = step;
+                for slice in &slices[..n] {
+                    let k = take.min(slice.len());
+                    got.extend_from_slice(&slice[..k]);
+                    take -= k;
+                }
+                let wrote = step - take;
+                frames.advance(wrote);
+            }
+            assert!(got == expected, "written {step} bytes at a time");
+        }
     }
 
     #[tokio::test]

@@ -126,6 +126,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for BatchedIo<T> {
 /// when the caller's memory is initialised already.
 struct YamuxStream(tokio_util::compat::Compat<::yamux::Stream>);
 
+impl super::RawStream for YamuxStream {}
+
 impl AsyncRead for YamuxStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
