@@ -352,6 +352,109 @@ mod tests {
         assert!(rx.recv().unwrap());
     }
 
+    /// A duplex pipe that moves chunks, standing in for a tether stream.
+    struct Chunked(tokio::io::DuplexStream);
+
+    impl AsyncRead for Chunked {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Chunked {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    impl ChunkIo for Chunked {
+        fn moves_chunks(&self) -> bool {
+            true
+        }
+
+        fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+            let mut buf = [0u8; 1024];
+            let mut rb = ReadBuf::new(&mut buf);
+            std::task::ready!(Pin::new(&mut self.0).poll_read(cx, &mut rb))?;
+            let n = rb.filled().len();
+            Poll::Ready(Ok((n > 0).then(|| Bytes::copy_from_slice(&buf[..n]))))
+        }
+
+        fn poll_write_chunk(
+            &mut self,
+            cx: &mut Context<'_>,
+            chunk: &mut Bytes,
+        ) -> Poll<io::Result<()>> {
+            let n = std::task::ready!(Pin::new(&mut self.0).poll_write(cx, chunk))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            bytes::Buf::advance(chunk, n);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    async fn read_chunk<S: ChunkIo>(s: &mut S) -> io::Result<Option<Bytes>> {
+        let read = std::future::poll_fn(|cx| s.poll_read_chunk(cx));
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .expect("a chunk or the end arrives")
+    }
+
+    /// Through the chunk methods: bytes behind the accept come first, then the stream's own
+    /// chunks; a reject is the read error, and the reason of a write that fails after it.
+    #[tokio::test]
+    async fn chunks_pass_after_an_accept_and_a_reject_is_the_error() {
+        let (near, mut far) = tokio::io::duplex(64 * 1024);
+        let mut s = AwaitReply::new(Chunked(near), Duration::from_secs(5), None);
+        assert!(s.moves_chunks());
+        let mut early = Bytes::from_static(b"early");
+        std::future::poll_fn(|cx| s.poll_write_chunk(cx, &mut early))
+            .await
+            .unwrap();
+        assert!(early.is_empty());
+        let mut got = [0u8; 5];
+        far.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"early");
+        let mut wire = encoded(&StreamReply::accept());
+        wire.extend_from_slice(b"behind");
+        far.write_all(&wire).await.unwrap();
+        assert_eq!(read_chunk(&mut s).await.unwrap().unwrap(), &b"behind"[..]);
+        far.write_all(b"more").await.unwrap();
+        assert_eq!(read_chunk(&mut s).await.unwrap().unwrap(), &b"more"[..]);
+        drop(far);
+        assert_eq!(read_chunk(&mut s).await.unwrap(), None);
+
+        let (near, mut far) = tokio::io::duplex(1024);
+        let mut s = AwaitReply::new(Chunked(near), Duration::from_secs(5), None);
+        let reply = StreamReply::reject(StreamRejectCode::NotAllowed, "not on the allowlist");
+        far.write_all(&encoded(&reply)).await.unwrap();
+        drop(far);
+        let mut late = Bytes::from_static(b"late");
+        let err = std::future::poll_fn(|cx| s.poll_write_chunk(cx, &mut late))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+        let err = read_chunk(&mut s).await.unwrap_err();
+        assert!(err.to_string().contains("not on the allowlist"), "{err}");
+    }
+
     #[tokio::test]
     async fn reject_ends_the_read_side_with_the_reason() {
         let (near, mut far) = tokio::io::duplex(1024);
