@@ -55,19 +55,35 @@ where
 {
     let mut ab = Direction::new(a_to_b);
     let mut ba = Direction::new(b_to_a);
-    poll_fn(|cx| {
+    both_done(|cx| {
         let ab_done = ab.poll_copy(cx, &mut a, &mut b)?.is_ready();
         let ba_done = ba.poll_copy(cx, &mut b, &mut a)?.is_ready();
-        if ab_done && ba_done {
-            Poll::Ready(Ok(Spliced {
-                a_to_b: ab.total,
-                b_to_a: ba.total,
-            }))
-        } else {
-            Poll::Pending
-        }
+        Ok(ab_done && ba_done)
+    })
+    .await?;
+    Ok(Spliced {
+        a_to_b: ab.total,
+        b_to_a: ba.total,
+    })
+}
+
+/// Polls both directions of a splice (`step` says whether both are finished) until they are,
+/// or one fails.
+async fn both_done(mut step: impl FnMut(&mut Context<'_>) -> io::Result<bool>) -> io::Result<()> {
+    poll_fn(|cx| match step(cx) {
+        Ok(true) => Poll::Ready(Ok(())),
+        Ok(false) => Poll::Pending,
+        Err(e) => Poll::Ready(Err(e)),
     })
     .await
+}
+
+/// Ends a direction: flushes the writer and shuts it down (half-close).
+fn poll_finish<W: AsyncWrite + Unpin>(w: &mut W, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    ready!(Pin::new(&mut *w).poll_flush(cx))?;
+    // The peer may already be gone; a failed shutdown does not undo the copy.
+    let _ = ready!(Pin::new(&mut *w).poll_shutdown(cx));
+    Poll::Ready(Ok(()))
 }
 
 /// A stream that hands over what it received, and takes what it sends, as [`Bytes`] chunks,
@@ -104,19 +120,16 @@ where
     }
     let mut up = ToChunks::default();
     let mut down = FromChunks::default();
-    poll_fn(|cx| {
+    both_done(|cx| {
         let up_done = up.poll_copy(cx, &mut socket, &mut stream)?.is_ready();
         let down_done = down.poll_copy(cx, &mut stream, &mut socket)?.is_ready();
-        if up_done && down_done {
-            Poll::Ready(Ok(Spliced {
-                a_to_b: up.total,
-                b_to_a: down.total,
-            }))
-        } else {
-            Poll::Pending
-        }
+        Ok(up_done && down_done)
     })
-    .await
+    .await?;
+    Ok(Spliced {
+        a_to_b: up.total,
+        b_to_a: down.total,
+    })
 }
 
 /// Socket to chunk stream: reads into a [`BytesMut`] and hands each read over as a chunk.
@@ -154,9 +167,7 @@ impl ToChunks {
                 ready!(w.poll_write_chunk(cx, &mut self.pending))?;
             }
             if self.read_done {
-                ready!(Pin::new(&mut *w).poll_flush(cx))?;
-                // The peer may already be gone; a failed shutdown does not undo the copy.
-                let _ = ready!(Pin::new(&mut *w).poll_shutdown(cx));
+                ready!(poll_finish(w, cx))?;
                 self.finished = true;
                 return Poll::Ready(Ok(()));
             }
@@ -237,21 +248,20 @@ impl FromChunks {
                 }
             }
             if self.queue.is_empty() {
+                if self.read_done {
+                    ready!(poll_finish(w, cx))?;
+                    self.finished = true;
+                    return Poll::Ready(Ok(()));
+                }
                 if self.need_flush {
                     ready!(Pin::new(&mut *w).poll_flush(cx))?;
                     self.need_flush = false;
                 }
-                if !self.read_done {
-                    // Idle (the read registered the wakeup): keep no memory.
-                    if self.queue.capacity() > GATHER_CHUNKS / 8 {
-                        self.queue = VecDeque::new();
-                    }
-                    return Poll::Pending;
+                // Idle (the read registered the wakeup): keep no memory.
+                if self.queue.capacity() > GATHER_CHUNKS / 8 {
+                    self.queue = VecDeque::new();
                 }
-                // The peer may already be gone; a failed shutdown does not undo the copy.
-                let _ = ready!(Pin::new(&mut *w).poll_shutdown(cx));
-                self.finished = true;
-                return Poll::Ready(Ok(()));
+                return Poll::Pending;
             }
             let n = if self.queue.len() == 1 {
                 ready!(Pin::new(&mut *w).poll_write(cx, &self.queue[0]))?
@@ -397,9 +407,7 @@ impl<'c> Direction<'c> {
                 }
             }
             if self.read_done {
-                ready!(Pin::new(&mut *w).poll_flush(cx))?;
-                // The peer may already be gone; a failed shutdown does not undo the copy.
-                let _ = ready!(Pin::new(&mut *w).poll_shutdown(cx));
+                ready!(poll_finish(w, cx))?;
                 self.finished = true;
                 return Poll::Ready(Ok(()));
             }

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::splice::ChunkIo;
+
 use super::tls::{connect, Mux, TlsListener, AGENT_ALPNS};
 use super::*;
 use crate::tls::{client_config, server_config, CertificateAuthority};
@@ -425,6 +427,61 @@ async fn splice_chunks_carries_bulk_and_small_writes_both_ways(carrier: Carrier)
         .unwrap();
     assert_eq!(spliced.a_to_b, data.len() as u64 + 150);
     assert_eq!(spliced.b_to_a, data.len() as u64 + 150);
+}
+
+async fn read_chunk(s: &mut impl ChunkIo) -> io::Result<Option<bytes::Bytes>> {
+    let read = std::future::poll_fn(|cx| s.poll_read_chunk(cx));
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("a chunk or the end arrives")
+}
+
+/// `AwaitReply` over a tether stream's chunk methods: bytes behind the agent's accept come
+/// first, then the stream's own chunks, then the end; a reject is the read error, with the
+/// agent's reason.
+#[tokio::test]
+async fn await_reply_moves_chunks_over_tether() {
+    use crate::messages::{StreamRejectCode, StreamReply};
+    use crate::reply::AwaitReply;
+    use prost::Message;
+
+    let (mut agent, proxy) = pair(Carrier::Tls(Mux::Tether), SessionConfig::default()).await;
+    let stream = proxy.handle.open_stream().await.unwrap();
+    let mut s = AwaitReply::new(stream, Duration::from_secs(5), None);
+    assert!(s.moves_chunks());
+    let mut early = bytes::Bytes::from_static(b"early");
+    std::future::poll_fn(|cx| s.poll_write_chunk(cx, &mut early))
+        .await
+        .unwrap();
+    assert!(early.is_empty());
+    let mut far = agent.incoming.accept().await.unwrap();
+    let mut got = [0u8; 5];
+    far.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"early");
+    let mut wire = StreamReply::accept().encode_length_delimited_to_vec();
+    wire.extend_from_slice(b"behind");
+    far.write_all(&wire).await.unwrap();
+    assert_eq!(read_chunk(&mut s).await.unwrap().unwrap(), &b"behind"[..]);
+    far.write_all(b"more").await.unwrap();
+    assert_eq!(read_chunk(&mut s).await.unwrap().unwrap(), &b"more"[..]);
+    far.shutdown().await.unwrap();
+    assert_eq!(read_chunk(&mut s).await.unwrap(), None);
+
+    let stream = proxy.handle.open_stream().await.unwrap();
+    let mut s = AwaitReply::new(stream, Duration::from_secs(5), None);
+    let mut late = bytes::Bytes::from_static(b"late");
+    std::future::poll_fn(|cx| s.poll_write_chunk(cx, &mut late))
+        .await
+        .unwrap();
+    let mut far = agent.incoming.accept().await.unwrap();
+    let reply = StreamReply::reject(StreamRejectCode::NotAllowed, "not on the allowlist");
+    far.write_all(&reply.encode_length_delimited_to_vec())
+        .await
+        .unwrap();
+    drop(far);
+    let err = read_chunk(&mut s).await.unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(err.to_string().contains("not on the allowlist"), "{err}");
 }
 
 /// Runs each test once per carrier.

@@ -425,6 +425,22 @@ impl TetherStream {
     fn reset_error() -> io::Error {
         io::Error::new(io::ErrorKind::ConnectionReset, "stream reset by the peer")
     }
+
+    /// A read found nothing queued: end of stream (`Ok`), why the stream is over (`Err`), or
+    /// `Pending` with the reader registered for the next frame.
+    fn poll_nothing_queued(st: &mut StreamState, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if st.recv_fin {
+            return Poll::Ready(Ok(()));
+        }
+        if st.reset {
+            return Poll::Ready(Err(Self::reset_error()));
+        }
+        if st.gone {
+            return Poll::Ready(Err(Self::closed_error()));
+        }
+        st.reader = Some(cx.waker().clone());
+        Poll::Pending
+    }
 }
 
 impl AsyncRead for TetherStream {
@@ -435,17 +451,7 @@ impl AsyncRead for TetherStream {
     ) -> Poll<io::Result<()>> {
         let mut st = lock(&self.shared.state);
         if st.recv.is_empty() {
-            if st.recv_fin {
-                return Poll::Ready(Ok(()));
-            }
-            if st.reset {
-                return Poll::Ready(Err(Self::reset_error()));
-            }
-            if st.gone {
-                return Poll::Ready(Err(Self::closed_error()));
-            }
-            st.reader = Some(cx.waker().clone());
-            return Poll::Pending;
+            return Self::poll_nothing_queued(&mut st, cx);
         }
         let mut read = 0usize;
         while buf.remaining() > 0 {
@@ -586,17 +592,7 @@ impl super::RawStream for TetherStream {
     fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
         let mut st = lock(&self.shared.state);
         let Some(chunk) = st.recv.pop_front() else {
-            if st.recv_fin {
-                return Poll::Ready(Ok(None));
-            }
-            if st.reset {
-                return Poll::Ready(Err(Self::reset_error()));
-            }
-            if st.gone {
-                return Poll::Ready(Err(Self::closed_error()));
-            }
-            st.reader = Some(cx.waker().clone());
-            return Poll::Pending;
+            return Self::poll_nothing_queued(&mut st, cx).map_ok(|()| None);
         };
         self.consumed(st, chunk.len());
         Poll::Ready(Ok(Some(chunk)))
