@@ -1,14 +1,22 @@
 //! What both binaries do the same way as processes: the async runtime (and the allocator
 //! settings it needs), logging set-up and waiting for a shutdown signal.
 
-/// Builds the multi-threaded runtime both binaries run on, after [`tune_allocator`], with
-/// `workers` threads (default: one per CPU, or `TOKIO_WORKER_THREADS`).
+/// Builds the runtime a binary runs on, after [`tune_allocator`], with `workers` threads
+/// (default: one per CPU, or `TOKIO_WORKER_THREADS`).
+///
+/// One worker means a single-threaded runtime: the future given to `block_on` and every
+/// task it spawns share the calling thread, with no scheduler hand-overs between threads.
 pub fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     tune_allocator();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = workers {
-        builder.worker_threads(n.max(1));
-    }
+    let mut builder = match workers {
+        Some(n) if n <= 1 => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder.enable_all().build()
 }
 

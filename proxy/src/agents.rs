@@ -30,6 +30,7 @@ use tether_proto::transport::tls::TlsListener;
 use tether_proto::transport::{MuxStream, Session, SessionConfig, SessionHandle};
 
 use crate::registry::{AgentSession, SessionRegistry};
+use crate::shards::Shards;
 
 /// Time an agent has, after TLS, to open the control stream and send `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,9 +46,13 @@ pub struct AgentGate {
     pub replica_count: u32,
     /// Cancelled when the proxy starts shutting down.
     pub shutdown: CancellationToken,
+    /// The event loops sessions are placed on.
+    pub shards: Arc<Shards>,
 }
 
-/// Accepts TLS connections and runs each agent session in its own task until shutdown.
+/// Accepts TLS connections and runs each agent session in its own task until shutdown, on
+/// the shard [`Shards::place_agent`] picks: the handshake, the multiplexer and the control
+/// loop all run there.
 pub async fn serve_tls(listener: TlsListener, gate: AgentGate) {
     let handshaker = listener.handshaker();
     loop {
@@ -64,8 +69,10 @@ pub async fn serve_tls(listener: TlsListener, gate: AgentGate) {
                 continue;
             }
         };
-        let (gate, handshaker) = (gate.clone(), handshaker.clone());
-        tokio::spawn(async move {
+        let (shard, place) = gate.shards.place_agent();
+        let (session_gate, handshaker) = (gate.clone(), handshaker.clone());
+        gate.shards.run_with(shard, tcp, move |tcp| async move {
+            let (gate, _place) = (session_gate, place);
             match handshaker.handshake(tcp, peer, &gate.session).await {
                 Ok(session) => run_session(session, gate).await,
                 Err(e) => {
@@ -93,7 +100,10 @@ pub async fn serve_quic(listener: QuicListener, gate: AgentGate) {
             return;
         };
         let gate = gate.clone();
+        // QUIC sessions stay here, on the shard that drives quinn's endpoint.
+        let place = gate.shards.count_agent(Shards::current());
         tokio::spawn(async move {
+            let _place = place;
             let peer = incoming.peer();
             match incoming.handshake().await {
                 Ok(session) => run_session(session, gate).await,
@@ -180,6 +190,7 @@ pub async fn run_session(mut session: Session, gate: AgentGate) {
         bytes_to_agent: AtomicU64::new(0),
         bytes_from_agent: AtomicU64::new(0),
         draining: AtomicBool::new(false),
+        shard: Shards::current(),
     });
     gate.registry.register(agent.clone());
     info!(

@@ -34,6 +34,7 @@ use tether_proto::token::TokenVerifier;
 use crate::callers::{authenticate, Caller};
 use crate::gateway::{split_gateway_path, Gateway};
 use crate::registry::{OpenError, SessionRegistry};
+use crate::shards::Shards;
 
 /// Most front connections open at once; more wait in the kernel's backlog.
 pub const MAX_FRONT_CONNECTIONS: usize = 16_384;
@@ -50,11 +51,13 @@ pub struct Front {
     pub gateway: Arc<Gateway>,
 }
 
-/// Serves the front on `listener` with TLS until `shutdown`.
+/// Serves the front on `listener` with TLS until `shutdown`, dealing the connections to the
+/// shards in turn.
 pub async fn serve(
     listener: TcpListener,
     tls: TlsAcceptor,
     front: Front,
+    shards: Arc<Shards>,
     shutdown: CancellationToken,
 ) {
     let limit = Arc::new(Semaphore::new(MAX_FRONT_CONNECTIONS));
@@ -76,7 +79,7 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let (tls, front) = (tls.clone(), front.clone());
-        tokio::spawn(async move {
+        shards.run_with(shards.next_front(), tcp, move |tcp| async move {
             let _permit = permit;
             let stream = match tokio::time::timeout(HEADER_TIMEOUT, tls.accept(tcp)).await {
                 Ok(Ok(s)) => s,

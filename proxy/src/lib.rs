@@ -10,6 +10,7 @@
 //! - [`state`]: the state dir (CA, certificates, signing key, cluster UIDs);
 //! - [`settings`]: flags, environment and config file;
 //! - [`serve`]: wiring it together, and graceful shutdown;
+//! - [`shards`]: the event loops, one thread per core, each session pinned to one;
 //! - [`publish`]: the publish address, and `--publish-address auto` from a LoadBalancer;
 //! - [`manifest`]: the agent manifest `tether-proxy manifest` prints;
 //! - [`check`]: the connectivity check through the tunnel (`tether-proxy check`).
@@ -27,4 +28,5 @@ pub mod publish;
 pub mod registry;
 pub mod serve;
 pub mod settings;
+pub mod shards;
 pub mod state;

@@ -21,7 +21,8 @@ struct Cli {
     /// Log format: text or json.
     #[arg(long, env = "TETHER_LOG_FORMAT", default_value = "text", global = true)]
     log_format: String,
-    /// Threads running the proxy's tasks [default: one per CPU].
+    /// Event loops (threads) serving agents and callers, each agent session pinned to one
+    /// [default: one per CPU]. See the `shards` module.
     #[arg(long, env = "TETHER_WORKER_THREADS", global = true)]
     worker_threads: Option<usize>,
     #[command(subcommand)]
@@ -216,7 +217,11 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let settings = args.resolve()?;
-            tether_proto::process::runtime(cli.worker_threads)?.block_on(serve::run(settings))
+            // Shard 0 is this thread's single-threaded runtime; `serve::run` starts the rest.
+            let loops = cli
+                .worker_threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            tether_proto::process::runtime(Some(1))?.block_on(serve::run(settings, loops))
         }
         Command::Init {
             state_dir,

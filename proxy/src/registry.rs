@@ -41,6 +41,8 @@ pub struct AgentSession {
     pub bytes_from_agent: AtomicU64,
     /// Set when either side is draining: no new streams go here.
     pub draining: AtomicBool,
+    /// The event loop the session runs on ([`crate::shards`]).
+    pub shard: usize,
 }
 
 impl AgentSession {
@@ -91,6 +93,8 @@ pub struct AgentStatus {
     pub rtt_micros: u64,
     pub open_streams: usize,
     pub draining: bool,
+    /// The proxy event loop (shard) the session runs on.
+    pub event_loop: usize,
 }
 
 /// Why a stream to a cluster could not be opened. Each maps to an HTTP status on the front.
@@ -386,6 +390,15 @@ impl SessionRegistry {
             })
     }
 
+    /// Where a stream to `cluster` would be opened now: the shard of the agent [`Self::pick`]
+    /// chooses, and whether every live agent of the cluster is on that shard too.
+    pub fn placement(&self, cluster: &str) -> Option<(usize, bool)> {
+        let shard = self.pick(cluster).ok()?.shard;
+        let map = self.clusters.read().expect("registry lock");
+        let all = map.get(cluster)?.agents.iter().all(|a| a.shard == shard);
+        Some((shard, all))
+    }
+
     /// Opens a data stream to `target` in `cluster` and waits for the agent to accept it.
     pub async fn open(
         &self,
@@ -560,6 +573,7 @@ impl SessionRegistry {
                             rtt_micros: a.rtt_micros.load(Ordering::Relaxed),
                             open_streams: a.data_streams(),
                             draining: a.draining.load(Ordering::Relaxed),
+                            event_loop: a.shard,
                         })
                         .collect(),
                 }

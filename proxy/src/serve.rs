@@ -29,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::publish::{self, Publish, Reissue, ServingCert};
 use crate::registry::SessionRegistry;
 use crate::settings::{split_host_port, Settings};
+use crate::shards::Shards;
 use crate::state::{ClusterUids, StateDir, CLUSTER_UIDS};
 
 /// File in the state dir listing revoked token ids, one per line.
@@ -75,8 +76,10 @@ async fn bind(addr: &str, what: &str) -> Result<TcpListener> {
         .with_context(|| format!("binding the {what} address {addr}"))
 }
 
-/// Runs the proxy until a shutdown signal.
-pub async fn run(settings: Settings) -> Result<()> {
+/// Runs the proxy on `loops` event loops until a shutdown signal. The caller's runtime must
+/// be single-threaded: it becomes shard 0 ([`Shards::start`]).
+pub async fn run(settings: Settings, loops: usize) -> Result<()> {
+    let shards = Shards::start(loops).context("starting the event loop threads")?;
     let state = StateDir::open(&settings.state_dir, &certificate_names(&settings))?;
     let mut verifier = state.signing_key.verifier();
     verifier.set_revoked(load_revoked(&settings.state_dir)?);
@@ -132,6 +135,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         },
         replica_count: 1,
         shutdown: shutdown.clone(),
+        shards: shards.clone(),
     };
     // TLS on the TCP port, QUIC on the same port number over UDP (the port TCP got, when
     // the address asked for any port).
@@ -177,6 +181,7 @@ pub async fn run(settings: Settings) -> Result<()> {
             verifier: verifier.clone(),
             gateway: crate::gateway::Gateway::new(registry.clone()),
         },
+        shards.clone(),
         shutdown.clone(),
     ));
 
@@ -186,12 +191,15 @@ pub async fn run(settings: Settings) -> Result<()> {
         let addr = l.local_addr()?;
         registry.add_listener(&e.cluster, addr.to_string());
         exposed.push((e.cluster.clone(), addr));
-        tokio::spawn(expose::serve(
+        expose::serve(
             l,
-            e.cluster.clone(),
-            registry.clone(),
-            shutdown.clone(),
-        ));
+            expose::Exposed {
+                cluster: e.cluster.clone(),
+                registry: registry.clone(),
+                shards: shards.clone(),
+                shutdown: shutdown.clone(),
+            },
+        );
     }
 
     if let Some(auto) = settings.publish_auto.clone() {
@@ -237,6 +245,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         exposed = ?exposed,
         state_dir = %settings.state_dir.display(),
         proxy_id = %settings.proxy_id,
+        event_loops = shards.len(),
         "tether-proxy ready"
     );
 

@@ -93,6 +93,70 @@ async fn expose_listener_splices_plain_tcp_to_the_cluster(t: Transport) {
     );
 }
 
+per_transport!(sessions_spread_over_event_loops_and_traffic_reaches_them_from_any);
+/// The proxy pins each agent session to one of its event loops (`--worker-threads`): TLS
+/// sessions go to the emptiest, QUIC sessions stay on the first. An exposed listener follows
+/// its cluster's session to that loop; front connections are dealt to every loop, so most
+/// of them reach their session from another thread. Traffic must flow either way.
+async fn sessions_spread_over_event_loops_and_traffic_reaches_them_from_any(t: Transport) {
+    let up_a = TlsEchoUpstream::start("cluster-a").await;
+    let up_b = TlsEchoUpstream::start("cluster-b").await;
+    let proxy = Proxy::start(ProxyOptions {
+        expose: vec!["a".into()],
+        args: vec!["--worker-threads".into(), "3".into()],
+        ..ProxyOptions::over(t)
+    })
+    .await;
+    let _b = Agent::start(&proxy, "b", &up_b.addr.to_string(), &[]);
+    assert!(proxy.wait_agents("b", 1, WAIT).await, "{}", proxy.log());
+    let _a = Agent::start(&proxy, "a", &up_a.addr.to_string(), &[]);
+    assert!(proxy.wait_agents("a", 1, WAIT).await, "{}", proxy.log());
+    let event_loop = |cluster: &str| {
+        proxy.cluster(cluster).unwrap()["agentDetails"][0]["eventLoop"]
+            .as_u64()
+            .unwrap()
+    };
+    let spread = !matches!(t, Transport::Quic);
+    let expected = if spread { (0, 1) } else { (0, 0) };
+    assert_eq!((event_loop("b"), event_loop("a")), expected);
+
+    // The first exposed connection is accepted on loop 0 and spliced on a's loop; the
+    // listener then moves there and accepts the rest itself.
+    for i in 0..4u8 {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.exposed_port("a")))
+            .await
+            .unwrap();
+        let (banner, mut tls) = up_a.client(tcp).await;
+        assert_eq!(banner, "cluster-a");
+        tls.write_all(&[i; 100]).await.unwrap();
+        let mut back = [0u8; 100];
+        tls.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, [i; 100]);
+    }
+    assert_eq!(
+        proxy
+            .log()
+            .contains("exposed listener follows its cluster's session"),
+        spread,
+        "{}",
+        proxy.log()
+    );
+
+    let token = format!("Bearer {}", proxy.client_token("alice", "a,b"));
+    for cluster in ["a", "b", "a", "b", "a", "b"] {
+        let up = if cluster == "a" { &up_a } else { &up_b };
+        let tunnel = connect_via_front(&proxy, cluster, Some(&token))
+            .await
+            .tunnel();
+        let (banner, mut tls) = up.client(tunnel).await;
+        assert_eq!(banner, format!("cluster-{cluster}"));
+        tls.write_all(b"across loops").await.unwrap();
+        let mut back = [0u8; 12];
+        tls.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"across loops");
+    }
+}
+
 per_transport!(expose_sends_early_bytes_and_a_refusal_closes_with_the_reason_logged);
 async fn expose_sends_early_bytes_and_a_refusal_closes_with_the_reason_logged(t: Transport) {
     // The stream opens optimistically: the client's bytes follow StreamOpen at once.

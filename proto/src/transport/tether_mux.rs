@@ -84,6 +84,9 @@ pub const MAX_WINDOW: u32 = 16 * 1024 * 1024;
 pub const WINDOW_GROWTH_BUDGET: i64 = 64 * 1024 * 1024;
 /// Frames waiting in the outbox beyond which writers of data wait (control frames never do).
 pub const OUTBOX_LIMIT: usize = 512 * 1024;
+/// While several writers wait for outbox room, what one of them may queue before the others
+/// have had their turn (see [`Outbox::contended`]).
+const FAIR_SHARE: usize = OUTBOX_LIMIT / 4;
 /// Unsent frames beyond which the connection task stops reading (only frames sent in answer
 /// to the peer's, which data writers never wait for, can take the outbox past
 /// [`OUTBOX_LIMIT`]).
@@ -307,8 +310,19 @@ struct Outbox {
     dropped: Vec<u32>,
     /// The connection task, when it is waiting for frames.
     driver: Option<Waker>,
-    /// Streams waiting for the outbox to drain below [`OUTBOX_LIMIT`].
+    /// Streams that found the outbox full before queuing anything since it was last taken:
+    /// they are woken first when it is.
+    starved: Vec<Arc<StreamShared>>,
+    /// Other streams waiting for room: over their fair share, or full after queuing some.
     waiting: Vec<Arc<StreamShared>>,
+    /// Counts the times the connection task took the frames; a stream's share is counted
+    /// per take.
+    taken: u64,
+    /// More than one writer was woken at the last take: each may queue [`FAIR_SHARE`] until
+    /// the next. Without this, whichever woken writer runs first refills the whole outbox
+    /// (a splice queues all it can in one go), and with a scheduler that runs woken tasks in
+    /// order, the same one runs first every time and a small writer behind it starves.
+    contended: bool,
     /// The session has ended: nothing more is sent.
     closed: bool,
     /// Id of the next stream this side opens.
@@ -387,8 +401,12 @@ struct StreamState {
     sent_fin: bool,
     /// The writer, waiting for credit or outbox space.
     writer: Option<Waker>,
-    /// Queued in [`Outbox::waiting`].
+    /// Queued in [`Outbox::waiting`] or [`Outbox::starved`].
     waiting_room: bool,
+    /// Data bytes queued since the outbox was last taken (valid while `queued_at` is
+    /// [`Outbox::taken`]).
+    queued: usize,
+    queued_at: u64,
 }
 
 impl StreamShared {
@@ -535,16 +553,26 @@ impl TetherStream {
         if out.closed {
             return Poll::Ready(Err(Self::closed_error()));
         }
-        if out.frames.len() >= OUTBOX_LIMIT {
+        if st.queued_at != out.taken {
+            st.queued = 0;
+            st.queued_at = out.taken;
+        }
+        let full = out.frames.len() >= OUTBOX_LIMIT;
+        if full || (out.contended && st.queued >= FAIR_SHARE) {
             st.writer = Some(cx.waker().clone());
             if !st.waiting_room {
                 st.waiting_room = true;
-                out.waiting.push(self.shared.clone());
+                if full && st.queued == 0 {
+                    out.starved.push(self.shared.clone());
+                } else {
+                    out.waiting.push(self.shared.clone());
+                }
             }
             return Poll::Pending;
         }
         let w = push(&mut out, n);
         drop(out);
+        st.queued += n;
         st.send_credit -= n as u64;
         drop(st);
         wake(w);
@@ -1097,7 +1125,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
             self.streams.insert(s.id, s);
         }
         let dropped = std::mem::take(&mut out.dropped);
-        let waiting = std::mem::take(&mut out.waiting);
+        // Woken in this order and, on a scheduler that runs woken tasks in order, served so.
+        let mut waiting = std::mem::take(&mut out.starved);
+        waiting.append(&mut out.waiting);
+        out.taken += 1;
+        out.contended = waiting.len() > 1;
         let empty = self.sending.is_empty();
         if empty {
             out.driver = Some(cx.waker().clone());
@@ -1136,6 +1168,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
             out.closed = true;
             out.dropped.clear();
             let mut leftovers = std::mem::take(&mut out.waiting);
+            leftovers.append(&mut out.starved);
             leftovers.append(&mut out.opened);
             leftovers
         };
@@ -1464,5 +1497,82 @@ mod tests {
             seen.push((id, h[1]));
         }
         assert_eq!(seen, vec![(3, FLAG_FIN), (1, FLAG_RESET)]);
+    }
+
+    /// A writer that queues all it can (as a splice does) must not keep a small writer on the
+    /// same session out of the outbox. On a single-threaded runtime, which runs woken tasks in
+    /// the order they were woken, the greedy writer once refilled the whole outbox every time
+    /// it was taken, and the small write waited until the greedy one stopped.
+    #[tokio::test]
+    async fn a_small_write_gets_through_while_another_stream_floods_the_session() {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        // A narrow pipe keeps the outbox full, as a slow link does.
+        let (a, b) = tokio::io::duplex(8 * 1024);
+        let info = SessionInfo {
+            transport: "test",
+            peer: "127.0.0.1:9".parse().unwrap(),
+        };
+        let proxy = start(a, Role::Proxy, info.clone(), &SessionConfig::default());
+        let mut agent = start(b, Role::Agent, info, &SessionConfig::default());
+        let mut greedy_rx = proxy.handle.open_stream().await.unwrap();
+        greedy_rx.write_all(b"g").await.unwrap();
+        let mut greedy_tx = agent.incoming.accept().await.unwrap();
+        let mut small_rx = proxy.handle.open_stream().await.unwrap();
+        small_rx.write_all(b"s").await.unwrap();
+        let mut small_tx = agent.incoming.accept().await.unwrap();
+        let mut first = [0u8; 1];
+        greedy_tx.read_exact(&mut first).await.unwrap();
+        small_tx.read_exact(&mut first).await.unwrap();
+
+        const CAP: u64 = 32 << 20;
+        let sent = Arc::new(AtomicU64::new(0));
+        let small_done = Arc::new(AtomicBool::new(false));
+        let flood = {
+            let (sent, small_done) = (sent.clone(), small_done.clone());
+            tokio::spawn(async move {
+                let chunk = Bytes::from(vec![7u8; MAX_FRAME]);
+                // Until the small write is through (and a little after), bounded by CAP.
+                let mut after = 0;
+                while sent.load(Ordering::Relaxed) < CAP && after < 8 {
+                    greedy_tx.write_all(&chunk).await.unwrap();
+                    sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    if small_done.load(Ordering::Relaxed) {
+                        after += 1;
+                    }
+                }
+                greedy_tx.shutdown().await.unwrap();
+            })
+        };
+        let drain = tokio::spawn(async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut total = 0u64;
+            loop {
+                match greedy_rx.read(&mut buf).await.unwrap() {
+                    0 => return total,
+                    n => total += n as u64,
+                }
+            }
+        });
+        // Write once the flood has filled the outbox, and count what the flood queued meanwhile.
+        while sent.load(Ordering::Relaxed) < 4 * OUTBOX_LIMIT as u64 {
+            tokio::task::yield_now().await;
+        }
+        let before = sent.load(Ordering::Relaxed);
+        small_tx.write_all(&[1u8; 64]).await.unwrap();
+        let flooded = sent.load(Ordering::Relaxed) - before;
+        small_done.store(true, Ordering::Relaxed);
+        let mut got = [0u8; 64];
+        small_rx.read_exact(&mut got).await.unwrap();
+        flood.await.unwrap();
+        let drained = drain.await.unwrap();
+        assert_eq!(
+            drained,
+            sent.load(Ordering::Relaxed),
+            "the flood arrived whole"
+        );
+        assert!(
+            flooded <= 2 * OUTBOX_LIMIT as u64,
+            "the small write waited while {flooded} bytes of the flood were queued"
+        );
     }
 }
