@@ -33,6 +33,8 @@ use tether_proto::http::{
 use tether_proto::messages::{target, KubeHttp, StreamRejectCode, Target};
 use tether_proto::pool::{ConnPool, SendError};
 
+use crate::shards::Shards;
+
 use crate::callers::Caller;
 use crate::front::open_error_status;
 use crate::registry::{OpenError, SessionRegistry};
@@ -43,16 +45,20 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_IDLE_PER_KEY: usize = 64;
 
 /// Which pooled connections a request may use: the agent fixed the identity per stream, so
-/// streams are shared by requests of the same cluster, user and groups.
+/// streams are shared by requests of the same cluster, user and groups. Each event loop keeps
+/// its own: a pooled stream's HTTP connection task runs on the loop that opened it, and a
+/// request from another loop would hand every read and write across threads.
 #[derive(Debug, Clone)]
 struct PoolKey {
     cluster: String,
     caller: Caller,
+    shard: usize,
 }
 
 impl PartialEq for PoolKey {
     fn eq(&self, other: &Self) -> bool {
         self.cluster == other.cluster
+            && self.shard == other.shard
             && self.caller.user() == other.caller.user()
             && self.caller.groups() == other.caller.groups()
     }
@@ -63,6 +69,7 @@ impl Eq for PoolKey {}
 impl Hash for PoolKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.cluster.hash(state);
+        self.shard.hash(state);
         self.caller.user().hash(state);
         self.caller.groups().hash(state);
     }
@@ -150,6 +157,7 @@ impl Gateway {
         let key = PoolKey {
             cluster: cluster.to_string(),
             caller,
+            shard: Shards::current(),
         };
 
         // An upgrade always gets a stream of its own.
