@@ -390,7 +390,7 @@ impl SessionRegistry {
             })
     }
 
-    /// Where a stream to `cluster` would be opened now: the shard of the agent [`Self::pick`]
+    /// Where a stream to `cluster` would be opened now: the shard of the agent `pick`
     /// chooses, and whether every live agent of the cluster is on that shard too.
     pub fn placement(&self, cluster: &str) -> Option<(usize, bool)> {
         let shard = self.pick(cluster).ok()?.shard;

@@ -19,10 +19,13 @@
 //! - a QUIC session stays on shard 0, where quinn's endpoint is driven;
 //! - an exposed listener's connections are spliced on the shard of the session they go to,
 //!   and the listener follows its cluster's session there (see [`crate::expose`]);
-//! - front connections are dealt to the shards in turn.
+//! - front connections are dealt to the shards in turn, and the kube gateway keeps its pool
+//!   of tunnel streams per shard (see [`crate::gateway`]).
 //!
 //! A session's throughput is thereby bounded by one proxy core, the same bound as the agent
-//! at the other end, which runs one thread by default.
+//! at the other end, which runs one thread by default. Sessions are placed once, when they
+//! connect, and never moved: a loop that drew the busiest clusters stays the busiest until
+//! they reconnect.
 
 use std::cell::Cell;
 use std::future::Future;
