@@ -80,6 +80,8 @@ impl Shards {
         for index in 1..count.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                // The runtime's blocking-pool threads belong to this shard too.
+                .on_thread_start(move || CURRENT.with(|c| c.set(index)))
                 .build()?;
             let handle = runtime.handle().clone();
             let stopped = stop.clone();
@@ -235,6 +237,12 @@ mod tests {
                 });
                 let (ran_on, thread) = rx.await.unwrap();
                 assert_eq!(ran_on, index);
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                shards.spawn(index, async move {
+                    let blocking = tokio::task::spawn_blocking(Shards::current);
+                    let _ = tx.send(blocking.await.unwrap());
+                });
+                assert_eq!(rx.await.unwrap(), index, "a blocking task knows its shard");
                 assert_eq!(
                     thread == std::thread::current().id(),
                     index == 0,
