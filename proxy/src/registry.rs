@@ -208,6 +208,18 @@ impl tokio::io::AsyncRead for CountedStream {
     }
 }
 
+impl CountedStream {
+    /// Counts bytes written to the agent.
+    fn count_sent(&self, poll: &std::task::Poll<std::io::Result<usize>>) {
+        if let std::task::Poll::Ready(Ok(n)) = poll {
+            self.agent
+                .bytes_to_agent
+                .fetch_add(*n as u64, Ordering::Relaxed);
+            self.metrics.bytes(*n as u64, 0);
+        }
+    }
+}
+
 impl tokio::io::AsyncWrite for CountedStream {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
@@ -215,13 +227,22 @@ impl tokio::io::AsyncWrite for CountedStream {
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let poll = std::pin::Pin::new(&mut self.stream).poll_write(cx, buf);
-        if let std::task::Poll::Ready(Ok(n)) = &poll {
-            self.agent
-                .bytes_to_agent
-                .fetch_add(*n as u64, Ordering::Relaxed);
-            self.metrics.bytes(*n as u64, 0);
-        }
+        self.count_sent(&poll);
         poll
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.count_sent(&poll);
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
     }
 
     fn poll_flush(

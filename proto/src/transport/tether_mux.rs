@@ -346,6 +346,23 @@ impl Outbox {
         self.push(TYPE_DATA, flags, id, body, body.len() as u32)
     }
 
+    /// Appends one DATA frame whose body is the first `n` bytes of `bufs`, gathered.
+    fn push_gathered(&mut self, id: u32, bufs: &[io::IoSlice<'_>], n: usize) -> Option<Waker> {
+        let was_empty = self.is_empty();
+        self.frames.bytes.reserve(HEADER + n);
+        self.frames.header(TYPE_DATA, 0, id, n as u32);
+        let mut left = n;
+        for b in bufs {
+            let take = left.min(b.len());
+            self.frames.bytes.extend_from_slice(&b[..take]);
+            left -= take;
+            if left == 0 {
+                break;
+            }
+        }
+        self.woken_if(was_empty)
+    }
+
     /// Appends a DATA frame whose body is sent from `body` itself, or copied when small.
     fn push_chunk(&mut self, id: u32, body: Bytes) -> Option<Waker> {
         if body.len() <= INLINE_BODY {
@@ -591,6 +608,26 @@ impl AsyncWrite for TetherStream {
         }
         let id = self.shared.id;
         self.poll_send(cx, buf.len(), |out, n| out.push_data(0, id, &buf[..n]))
+    }
+
+    /// Gathers the slices into one frame (as much as credit and [`MAX_FRAME`] allow), so a
+    /// writer such as hyper can hand over a head and a body without first copying them
+    /// together itself.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let len = bufs.iter().map(|b| b.len()).sum::<usize>();
+        if len == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        let id = self.shared.id;
+        self.poll_send(cx, len, |out, n| out.push_gathered(id, bufs, n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     /// Written frames are in the session's outbox, which the connection task sends as soon
@@ -1497,6 +1534,45 @@ mod tests {
             seen.push((id, h[1]));
         }
         assert_eq!(seen, vec![(3, FLAG_FIN), (1, FLAG_RESET)]);
+    }
+
+    /// A vectored write (hyper's head and body) goes out as one frame with the slices in order,
+    /// and says how much of them it took.
+    #[tokio::test]
+    async fn a_vectored_write_is_one_frame_of_its_slices_in_order() {
+        let (mut session, mut raw) = proxy_session();
+        raw.write_all(&data(FLAG_OPEN, 1, b"")).await.unwrap();
+        let mut s = session.incoming.accept().await.unwrap();
+        assert!(s.is_write_vectored());
+        let bufs = [
+            io::IoSlice::new(b"HTTP/1.1 200 OK\r\n\r\n"),
+            io::IoSlice::new(b""),
+            io::IoSlice::new(b"body"),
+        ];
+        let n = s.write_vectored(&bufs).await.unwrap();
+        assert_eq!(n, 23);
+        // More than one frame may carry: only the first MAX_FRAME bytes are taken.
+        let big = vec![7u8; MAX_FRAME];
+        let n = s
+            .write_vectored(&[io::IoSlice::new(b"x"), io::IoSlice::new(&big)])
+            .await
+            .unwrap();
+        assert_eq!(n, MAX_FRAME);
+        let mut bodies = Vec::new();
+        while bodies.len() < 2 {
+            let mut h = [0u8; HEADER];
+            raw.read_exact(&mut h).await.unwrap();
+            let len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as usize;
+            let mut body = vec![0u8; len];
+            raw.read_exact(&mut body).await.unwrap();
+            if h[0] == TYPE_DATA {
+                bodies.push(body);
+            }
+        }
+        assert_eq!(bodies[0], b"HTTP/1.1 200 OK\r\n\r\nbody");
+        assert_eq!(bodies[1].len(), MAX_FRAME);
+        assert_eq!(bodies[1][0], b'x');
+        assert!(bodies[1][1..].iter().all(|&b| b == 7));
     }
 
     /// A writer that queues all it can (as a splice does) must not keep a small writer on the
