@@ -33,11 +33,10 @@ use tether_proto::http::{
 use tether_proto::messages::{target, KubeHttp, StreamRejectCode, Target};
 use tether_proto::pool::{ConnPool, SendError};
 
-use crate::shards::Shards;
-
 use crate::callers::Caller;
 use crate::front::open_error_status;
 use crate::registry::{OpenError, SessionRegistry};
+use crate::shards::Shards;
 
 /// How long an idle tunnel stream stays in the pool.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);

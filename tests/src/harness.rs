@@ -732,6 +732,23 @@ impl TlsEchoUpstream {
         }
         (String::from_utf8_lossy(&banner).trim().to_string(), tls)
     }
+
+    /// [`client`](Self::client) over `io`, then checks that `msg` comes back; returns the
+    /// banner.
+    pub async fn echo<IO>(&self, io: IO, msg: &[u8]) -> String
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let (banner, mut tls) = self.client(io).await;
+        tls.write_all(msg).await.expect("write through the tunnel");
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(10), tls.read_exact(&mut back))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        assert_eq!(back, msg);
+        banner
+    }
 }
 
 impl Drop for TlsEchoUpstream {

@@ -29,12 +29,8 @@ async fn connect_routes_each_cluster_to_its_own_agent_with_tls_end_to_end(t: Tra
             .await
             .tunnel();
         // TLS runs end to end between this client and the member's server, inside the tunnel.
-        let (banner, mut tls) = up.client(tunnel).await;
+        let banner = up.echo(tunnel, b"hello through the tunnel").await;
         assert_eq!(banner, format!("cluster-{cluster}"));
-        tls.write_all(b"hello through the tunnel").await.unwrap();
-        let mut buf = [0u8; 24];
-        tls.read_exact(&mut buf).await.unwrap();
-        assert_eq!(&buf, b"hello through the tunnel");
     }
 
     // Basic auth with the token as the password works too (kubeconfig proxy-url form).
@@ -126,12 +122,7 @@ async fn sessions_spread_over_event_loops_and_traffic_reaches_them_from_any(t: T
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", proxy.exposed_port("a")))
             .await
             .unwrap();
-        let (banner, mut tls) = up_a.client(tcp).await;
-        assert_eq!(banner, "cluster-a");
-        tls.write_all(&[i; 100]).await.unwrap();
-        let mut back = [0u8; 100];
-        tls.read_exact(&mut back).await.unwrap();
-        assert_eq!(back, [i; 100]);
+        assert_eq!(up_a.echo(tcp, &[i; 100]).await, "cluster-a");
     }
     assert_eq!(
         proxy
@@ -148,12 +139,8 @@ async fn sessions_spread_over_event_loops_and_traffic_reaches_them_from_any(t: T
         let tunnel = connect_via_front(&proxy, cluster, Some(&token))
             .await
             .tunnel();
-        let (banner, mut tls) = up.client(tunnel).await;
+        let banner = up.echo(tunnel, b"across loops").await;
         assert_eq!(banner, format!("cluster-{cluster}"));
-        tls.write_all(b"across loops").await.unwrap();
-        let mut back = [0u8; 12];
-        tls.read_exact(&mut back).await.unwrap();
-        assert_eq!(&back, b"across loops");
     }
 }
 
