@@ -452,11 +452,13 @@ async fn dial(
         }
     };
     let tls = || tls::connect(addr, name, tcp_tls.clone(), session_cfg);
+    let quic_cfg = quic::QuicConfig::default().with_congestion(settings.quic_congestion_control);
+    let quic = || quic::connect_with(addr, name, client_tls.clone(), session_cfg, &quic_cfg);
     match plan {
         Plan::Tls => tls().await,
-        Plan::Quic => quic::connect(addr, name, client_tls.clone(), session_cfg).await,
+        Plan::Quic => quic().await,
         Plan::QuicThenTls => {
-            let quic = quic::connect(addr, name, client_tls.clone(), session_cfg);
+            let quic = quic();
             match tokio::time::timeout(AUTO_QUIC_TIMEOUT, quic).await {
                 Ok(Ok(session)) => Ok(session),
                 Ok(Err(e)) => {

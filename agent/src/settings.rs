@@ -71,6 +71,11 @@ pub struct AgentArgs {
         default_value = "impersonate"
     )]
     pub identity: crate::kube::IdentityMode,
+    /// Congestion controller of what the agent sends over QUIC: cubic, or bbr for links that
+    /// lose packets at random (quinn calls its BBR experimental). Set the proxy's flag of the
+    /// same name for what the proxy sends.
+    #[arg(long, env = "TETHER_QUIC_CONGESTION_CONTROL", default_value = "cubic")]
+    pub quic_congestion_control: tether_proto::transport::quic::CongestionControl,
     /// Stream multiplexer over tls://: tether (tether's own), yamux, or h2 (HTTP/2, which also
     /// looks like ordinary HTTPS to egress middleboxes).
     #[arg(long, env = "TETHER_MUX", value_parser = parse_mux, default_value = "tether")]
@@ -109,6 +114,8 @@ pub struct Settings {
     /// Multiplexer over TLS.
     pub mux: tether_proto::transport::tls::Mux,
     pub identity: crate::kube::IdentityMode,
+    /// Congestion controller of what the agent sends over QUIC.
+    pub quic_congestion_control: tether_proto::transport::quic::CongestionControl,
 }
 
 impl AgentArgs {
@@ -143,6 +150,7 @@ impl AgentArgs {
             kube,
             mux: self.mux,
             identity: self.identity,
+            quic_congestion_control: self.quic_congestion_control,
             proxy_addr: join_host_port(&host, port),
             transport,
             server_name: self.server_name.unwrap_or(host),

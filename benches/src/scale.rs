@@ -462,6 +462,7 @@ impl Fleet {
             kube: None,
             mux: self.mux,
             identity: tether_agent::kube::IdentityMode::Impersonate,
+            quic_congestion_control: Default::default(),
         };
         let shutdown = self.shutdown.clone();
         self.tasks

@@ -152,7 +152,8 @@ pub async fn run(settings: Settings, loops: usize) -> Result<()> {
     }
     if settings.transports.quic {
         let quic = QuicConfig::for_heartbeat(settings.heartbeat_interval)
-            .with_reset_secret(ResetSecret::derive(state.server_key_pem.as_bytes()));
+            .with_reset_secret(ResetSecret::derive(state.server_key_pem.as_bytes()))
+            .with_congestion(settings.quic_congestion_control);
         let listener = QuicListener::bind(&agent_addr, agent_tls.clone(), &gate.session, &quic)
             .await
             .with_context(|| {

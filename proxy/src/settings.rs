@@ -8,6 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
+use tether_proto::transport::quic::CongestionControl;
+
 use crate::expose::Expose;
 
 pub const DEFAULT_STATE_DIR: &str = "tether-state";
@@ -50,6 +52,11 @@ pub struct ServeArgs {
     /// Interval of control-stream heartbeats; three missed ones close a session [default: 5s].
     #[arg(long, env = "TETHER_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Option<Duration>,
+    /// Congestion controller of what the proxy sends over QUIC: cubic, or bbr for links that
+    /// lose packets at random (quinn calls its BBR experimental) [default: cubic]. Set the
+    /// agent's flag of the same name for what agents send.
+    #[arg(long, env = "TETHER_QUIC_CONGESTION_CONTROL")]
+    pub quic_congestion_control: Option<CongestionControl>,
     /// Most streams open at once on one agent session [default: 16384].
     #[arg(long, env = "TETHER_MAX_STREAMS_PER_SESSION")]
     pub max_streams_per_session: Option<usize>,
@@ -95,6 +102,8 @@ struct ConfigFile {
     expose: Vec<String>,
     #[serde(default, with = "humantime_serde_opt")]
     heartbeat_interval: Option<Duration>,
+    #[serde(default, with = "congestion_opt")]
+    quic_congestion_control: Option<CongestionControl>,
     max_streams_per_session: Option<usize>,
     #[serde(default, with = "humantime_serde_opt")]
     drain_timeout: Option<Duration>,
@@ -137,6 +146,20 @@ mod humantime_serde_opt {
     }
 }
 
+/// `quicCongestionControl: cubic | bbr` in the config file.
+mod congestion_opt {
+    use serde::{Deserialize, Deserializer};
+    use tether_proto::transport::quic::CongestionControl;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<CongestionControl>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| s.parse().map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
 /// Resolved settings of a running proxy.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -148,6 +171,8 @@ pub struct Settings {
     pub publish_address: PublishAddress,
     pub expose: Vec<Expose>,
     pub heartbeat_interval: Duration,
+    /// Congestion controller of what the proxy sends over QUIC.
+    pub quic_congestion_control: CongestionControl,
     pub max_streams_per_session: usize,
     pub drain_timeout: Duration,
     pub proxy_id: String,
@@ -345,6 +370,10 @@ impl ServeArgs {
                 .heartbeat_interval
                 .or(file.heartbeat_interval)
                 .unwrap_or(Duration::from_secs(5)),
+            quic_congestion_control: self
+                .quic_congestion_control
+                .or(file.quic_congestion_control)
+                .unwrap_or_default(),
             max_streams_per_session: self
                 .max_streams_per_session
                 .or(file.max_streams_per_session)
@@ -421,6 +450,26 @@ mod tests {
         assert_eq!(s.heartbeat_interval, Duration::from_secs(2));
         assert_eq!(s.publish_address.to_string(), "tls://127.0.0.1:1111");
         assert_eq!(s.transports, Transports::default());
+        assert_eq!(s.quic_congestion_control, CongestionControl::Cubic);
+        // The congestion controller: from the file, a flag over the file, a bad name refused.
+        std::fs::write(&f, "quicCongestionControl: bbr\n").unwrap();
+        let from_file = |flag: Option<CongestionControl>| {
+            ServeArgs {
+                config: Some(f.clone()),
+                quic_congestion_control: flag,
+                ..Default::default()
+            }
+            .resolve()
+        };
+        let cc = |s: Settings| s.quic_congestion_control;
+        assert_eq!(from_file(None).map(cc).unwrap(), CongestionControl::Bbr);
+        assert_eq!(
+            from_file(Some(CongestionControl::Cubic)).map(cc).unwrap(),
+            CongestionControl::Cubic
+        );
+        std::fs::write(&f, "quicCongestionControl: vegas\n").unwrap();
+        let err = from_file(None).unwrap_err();
+        assert!(format!("{err:#}").contains("vegas"), "{err:#}");
         std::fs::write(&f, "agentAdr: typo\n").unwrap();
         let err = ServeArgs {
             config: Some(f),

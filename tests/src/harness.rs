@@ -178,6 +178,24 @@ impl Transport {
         }
     }
 
+    /// The agent's `--mux` flag for this transport, if it needs one.
+    pub fn mux_args(self) -> &'static [&'static str] {
+        match self {
+            Transport::TlsH2 => &["--mux", "h2"],
+            Transport::TlsYamux => &["--mux", "yamux"],
+            Transport::Tls | Transport::Quic | Transport::Auto => &[],
+        }
+    }
+
+    /// A short name for file and namespace names: `tls`, `quic`, `auto`, `h2`, `yamux`.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Transport::TlsH2 => "h2",
+            Transport::TlsYamux => "yamux",
+            other => other.scheme(),
+        }
+    }
+
     /// What the proxy reports as the session's transport (`/api/v1/clusters`, metrics) when
     /// an agent dialed with this scheme (`auto://` here reports QUIC, what it prefers).
     pub fn session_name(self) -> &'static str {
@@ -477,15 +495,7 @@ impl Agent {
         let token_file = proxy.dir.path().join(format!("agent-{cluster}-{n}.token"));
         std::fs::write(&token_file, token).expect("writing token");
         let mut cmd = Command::new(bin("tether-agent"));
-        match proxy.opts.agent_transport {
-            Transport::TlsH2 => {
-                cmd.args(["--mux", "h2"]);
-            }
-            Transport::TlsYamux => {
-                cmd.args(["--mux", "yamux"]);
-            }
-            _ => {}
-        }
+        cmd.args(proxy.opts.agent_transport.mux_args());
         cmd.arg("--proxy")
             .arg(format!(
                 "{}://127.0.0.1:{}",

@@ -1,6 +1,6 @@
 //! QUIC end to end through the real binaries: agents over QUIC and TLS side by side and what
 //! the proxy reports about each, `--transports` turning a listener off, `auto://` falling
-//! back to TLS and returning to QUIC, and both transports over a slow, lossy link between two
+//! back to TLS and returning to QUIC, and every transport over a slow, lossy link between two
 //! network namespaces. (The CONNECT suite of `tunnel.rs` runs once per transport itself.)
 
 use std::time::{Duration, Instant};
@@ -153,19 +153,27 @@ async fn auto_falls_back_to_tls_when_quic_is_off_and_returns_to_quic_when_it_is_
     echo_through(&proxy, "a", &token, b"over quic again").await;
 }
 
-/// Both transports over a link with 20 ms delay and 1% loss each way, between two network
-/// namespaces this test makes: a bulk stream and a small request/response stream at once.
+/// Every transport and multiplexer (TLS with tether's, HTTP/2's and yamux's, and QUIC with
+/// its default congestion controller and with `--quic-congestion-control bbr` on both ends)
+/// over a link with 20 ms delay and 1% loss each way, between two network namespaces this
+/// test makes: a bulk stream and a small request/response stream at once, on one session.
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn both_transports_over_a_lossy_link_bulk_and_request_response_at_once() {
+async fn every_transport_over_a_lossy_link_bulk_and_request_response_at_once() {
     use lossy::*;
     if let Err(why) = can_run() {
         println!("SKIPPED lossy-link test: {why}");
         return;
     }
     let mut rows = Vec::new();
-    for t in [Transport::Tls, Transport::Quic] {
-        match run_over_lossy_link(t).await {
+    for (t, congestion) in [
+        (Transport::Tls, None),
+        (Transport::TlsH2, None),
+        (Transport::TlsYamux, None),
+        (Transport::Quic, None),
+        (Transport::Quic, Some("bbr")),
+    ] {
+        match run_over_lossy_link(t, congestion).await {
             Ok(row) => rows.push(row),
             Err(Setup(why)) => {
                 println!("SKIPPED lossy-link test: {why}");
@@ -419,7 +427,7 @@ mod lossy {
 
     /// What one transport did over the link.
     pub struct Row {
-        pub transport: &'static str,
+        pub transport: String,
         pub bulk_bytes: usize,
         pub round_trips: Vec<Duration>,
     }
@@ -531,8 +539,17 @@ mod lossy {
 
     /// Runs `tether-proxy` and `tether-agent` on the two sides of a fresh link, with the
     /// agent dialing over `t`, and measures a bulk stream and a request/response stream.
-    pub async fn run_over_lossy_link(t: Transport) -> Result<Row, Setup> {
-        let link = LinkedNamespaces::create(t.scheme())?;
+    /// One transport over the link; `congestion` is the QUIC congestion controller both
+    /// ends use, if not the default.
+    pub async fn run_over_lossy_link(
+        t: Transport,
+        congestion: Option<&'static str>,
+    ) -> Result<Row, Setup> {
+        let cc_args: Vec<&str> = match congestion {
+            Some(cc) => vec!["--quic-congestion-control", cc],
+            None => vec![],
+        };
+        let link = LinkedNamespaces::create(&format!("{}{}", t.tag(), congestion.unwrap_or("")))?;
         let dir = tempfile::tempdir().expect("temp dir");
         let state = dir.path().join("state");
         let log = |name: &str| -> PathBuf { dir.path().join(name) };
@@ -549,7 +566,8 @@ mod lossy {
             .args([
                 "--publish-address",
                 &format!("tls://{PROXY_IP}:{AGENT_PORT}"),
-            ]);
+            ])
+            .args(&cc_args);
         let proxy = Process::spawn(&mut cmd, log("proxy.log"));
         let start = Instant::now();
         while !matches!(admin_get(&link.proxy_ns, "/readyz"), Some((200, _))) {
@@ -585,6 +603,8 @@ mod lossy {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &link.agent_ns])
             .arg(bin("tether-agent"))
+            .args(t.mux_args())
+            .args(&cc_args)
             .args([
                 "--proxy",
                 &format!("{}://{PROXY_IP}:{AGENT_PORT}", t.scheme()),
@@ -651,7 +671,10 @@ mod lossy {
         up_task.abort();
         drop((agent, proxy));
         Ok(Row {
-            transport: t.session_name(),
+            transport: match congestion {
+                Some(cc) => format!("{} ({cc})", t.session_name()),
+                None => t.session_name().to_string(),
+            },
             bulk_bytes,
             round_trips,
         })

@@ -175,7 +175,47 @@ impl std::fmt::Debug for ResetSecret {
     }
 }
 
-/// Liveness settings of QUIC connections (the rest is fixed by this module's constants).
+/// The congestion controller of this end's sending side (each end picks its own).
+///
+/// - **CUBIC** (the default, quinn's): backs off on every loss, as most TCP stacks do. On a
+///   link that loses packets at random it stays far below the link's capacity: with 20 ms
+///   delay and 1% loss each way, 0.4 MiB/s of bulk.
+/// - **BBR**: paces by the measured bandwidth and round-trip time and ignores random loss:
+///   on that link 40 MiB/s of bulk, and small exchanges alongside at 44 ms p50 instead of 67.
+///   quinn calls its BBR experimental (it follows an early draft of BBRv1), so it is opt-in;
+///   on clean links it measured level with CUBIC.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CongestionControl {
+    #[default]
+    Cubic,
+    Bbr,
+}
+
+impl std::str::FromStr for CongestionControl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "cubic" => Ok(CongestionControl::Cubic),
+            "bbr" => Ok(CongestionControl::Bbr),
+            other => Err(format!(
+                "unknown congestion controller {other:?} (expected cubic or bbr)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for CongestionControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CongestionControl::Cubic => "cubic",
+            CongestionControl::Bbr => "bbr",
+        })
+    }
+}
+
+/// Liveness and congestion settings of QUIC connections (the rest is fixed by this module's
+/// constants).
 #[derive(Debug, Clone)]
 pub struct QuicConfig {
     /// Close the connection after this long without a packet from the peer. Each end offers
@@ -186,6 +226,8 @@ pub struct QuicConfig {
     pub keep_alive: Duration,
     /// Key of stateless resets; random per process when `None`.
     pub reset_secret: Option<ResetSecret>,
+    /// How this end paces what it sends.
+    pub congestion: CongestionControl,
 }
 
 /// Agent default: keep-alive every second, and an idle timeout of a minute that the proxy's
@@ -196,6 +238,7 @@ impl Default for QuicConfig {
             idle_timeout: Duration::from_secs(60),
             keep_alive: Duration::from_secs(1),
             reset_secret: None,
+            congestion: CongestionControl::default(),
         }
     }
 }
@@ -213,7 +256,14 @@ impl QuicConfig {
             idle_timeout: heartbeat * 5,
             keep_alive: heartbeat.min(Duration::from_secs(1)),
             reset_secret: None,
+            congestion: CongestionControl::default(),
         }
+    }
+
+    /// The same, with `congestion` pacing what this end sends.
+    pub fn with_congestion(mut self, congestion: CongestionControl) -> Self {
+        self.congestion = congestion;
+        self
     }
 
     /// The same, with a stable stateless-reset key.
@@ -273,6 +323,9 @@ fn transport_config(
         .keep_alive_interval(Some(quic.keep_alive))
         .max_idle_timeout(Some(idle))
         .initial_rtt(INITIAL_RTT);
+    if quic.congestion == CongestionControl::Bbr {
+        t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    }
     Ok(t)
 }
 

@@ -27,15 +27,25 @@ pub(in crate::transport) async fn pair_with(
     agent_cfg: SessionConfig,
     proxy_cfg: SessionConfig,
 ) -> (Session, Session) {
-    let (sc, cc) = configs(&[crate::ALPN]);
     let quic = QuicConfig::for_heartbeat(Duration::from_secs(5));
-    let listener = QuicListener::bind("127.0.0.1:0", Arc::new(sc), &proxy_cfg, &quic)
+    pair_with_quic(agent_cfg, proxy_cfg, &QuicConfig::default(), &quic).await
+}
+
+/// As [`pair_with`], with each side's QUIC settings.
+async fn pair_with_quic(
+    agent_cfg: SessionConfig,
+    proxy_cfg: SessionConfig,
+    agent_quic: &QuicConfig,
+    proxy_quic: &QuicConfig,
+) -> (Session, Session) {
+    let (sc, cc) = configs(&[crate::ALPN]);
+    let listener = QuicListener::bind("127.0.0.1:0", Arc::new(sc), &proxy_cfg, proxy_quic)
         .await
         .unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let accept =
         tokio::spawn(async move { listener.accept().await.unwrap().handshake().await.unwrap() });
-    let agent = connect(&addr, "localhost", Arc::new(cc), &agent_cfg)
+    let agent = connect_with(&addr, "localhost", Arc::new(cc), &agent_cfg, agent_quic)
         .await
         .unwrap();
     let proxy = accept.await.unwrap();
@@ -249,6 +259,7 @@ fn config_checks_and_derivations() {
         idle_timeout: Duration::from_secs(1),
         keep_alive: Duration::from_secs(2),
         reset_secret: None,
+        congestion: CongestionControl::Cubic,
     };
     assert!(transport_config(&SessionConfig::default(), &bad, Role::Proxy).is_err());
     // The reset secret is stable for the same material and differs for another.
@@ -258,4 +269,79 @@ fn config_checks_and_derivations() {
         format!("{:?}", ResetSecret::derive(b"k")),
         "ResetSecret(..)"
     );
+}
+
+#[test]
+fn congestion_controllers_by_name() {
+    assert_eq!("bbr".parse(), Ok(CongestionControl::Bbr));
+    assert_eq!("CUBIC".parse(), Ok(CongestionControl::Cubic));
+    assert_eq!(CongestionControl::default(), CongestionControl::Cubic);
+    assert!("reno".parse::<CongestionControl>().is_err());
+    for cc in [CongestionControl::Cubic, CongestionControl::Bbr] {
+        assert_eq!(cc.to_string().parse(), Ok(cc));
+    }
+}
+
+/// Both ends on BBR: 16 MiB each way on one stream while another stream exchanges small
+/// messages, every byte arriving in order.
+#[tokio::test]
+async fn a_session_paced_by_bbr_carries_bulk_and_small_exchanges() {
+    let bbr =
+        QuicConfig::for_heartbeat(Duration::from_secs(5)).with_congestion(CongestionControl::Bbr);
+    let (agent, proxy) = pair_with_quic(
+        SessionConfig::default(),
+        SessionConfig::default(),
+        &QuicConfig::default().with_congestion(CongestionControl::Bbr),
+        &bbr,
+    )
+    .await;
+    crate::transport::tests::echo_server(agent.incoming);
+    const BULK: usize = 16 << 20;
+    let bulk = async {
+        let s = proxy.handle.open_stream().await.unwrap();
+        let (mut r, mut w) = tokio::io::split(s);
+        let write = async move {
+            let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+            for _ in 0..BULK / chunk.len() {
+                w.write_all(&chunk).await.unwrap();
+            }
+            w.shutdown().await.unwrap();
+        };
+        let read = async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut got = 0usize;
+            loop {
+                let n = r.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                for (i, b) in buf[..n].iter().enumerate() {
+                    assert_eq!(
+                        *b,
+                        ((got + i) % (64 * 1024) % 251) as u8,
+                        "byte {}",
+                        got + i
+                    );
+                }
+                got += n;
+            }
+            got
+        };
+        tokio::join!(write, read).1
+    };
+    let small = async {
+        let mut s = proxy.handle.open_stream().await.unwrap();
+        for i in 0..50u8 {
+            let msg = [i; 64];
+            s.write_all(&msg).await.unwrap();
+            let mut back = [0u8; 64];
+            s.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, msg);
+        }
+    };
+    let (got, ()) =
+        tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(bulk, small) })
+            .await
+            .expect("bulk and small exchanges over BBR within a minute");
+    assert_eq!(got, BULK);
 }
