@@ -340,6 +340,15 @@ mod lossy {
                 (&link.agent_ns, AGENT_IP, PROXY_IP),
             ] {
                 setup(ip(&["-n", ns, "link", "set", "lo", "up"]))?;
+                // TCP's pacing on this link decides the TLS rows; pin it rather than inherit
+                // the host's default (see `TCP_CONGESTION`).
+                in_netns(ns, || std::fs::write(TCP_CONGESTION_SYSCTL, TCP_CONGESTION))
+                    .and_then(|r| r)
+                    .map_err(|e| {
+                        Setup(format!(
+                            "setting TCP congestion control {TCP_CONGESTION} in {ns}: {e}"
+                        ))
+                    })?;
                 let tun = in_netns(ns, || open_tun(TUN))
                     .and_then(|r| r)
                     .map_err(|e| Setup(format!("creating a TUN device in {ns}: {e}")))?;
@@ -425,6 +434,15 @@ mod lossy {
         [reader, writer]
     }
 
+    /// The TCP congestion control of both namespaces. With BBR, TCP keeps its rate under
+    /// random loss (the three TLS multiplexers moved 33–35 MiB/s here); with CUBIC, the usual
+    /// Linux default, it backs off on every loss, as QUIC's default does: 0.4 MiB/s, and small
+    /// exchanges behind the bulk stream's queue took 0.6–2.2 s (tether's multiplexer the
+    /// longest, see `benches/RESULTS.md`). The test pins BBR so that its figures do not depend
+    /// on the host.
+    const TCP_CONGESTION: &str = "bbr";
+    const TCP_CONGESTION_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_congestion_control";
+
     /// What one transport did over the link.
     pub struct Row {
         pub transport: String,
@@ -435,8 +453,9 @@ mod lossy {
     /// The rows as a Markdown table.
     pub fn render(rows: &[Row]) -> String {
         let mut out = format!(
-            "Lossy link: {} ms each way, {:.0}% loss each way (userspace netem), {} s with a \
-             bulk stream and a 64-byte request/response stream at once\n\n\
+            "Lossy link: {} ms each way, {:.0}% loss each way (userspace netem), TCP congestion \
+             control {TCP_CONGESTION}, {} s with a bulk stream and a 64-byte request/response \
+             stream at once\n\n\
              | transport | bulk MiB/s | round trips | p50 ms | p99 ms | max ms |\n\
              |---|---|---|---|---|---|\n",
             DELAY.as_millis(),
