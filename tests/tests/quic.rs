@@ -166,14 +166,19 @@ async fn every_transport_over_a_lossy_link_bulk_and_request_response_at_once() {
         return;
     }
     let mut rows = Vec::new();
-    for (t, congestion) in [
-        (Transport::Tls, None),
-        (Transport::TlsH2, None),
-        (Transport::TlsYamux, None),
-        (Transport::Quic, None),
-        (Transport::Quic, Some("bbr")),
+    // (transport, QUIC congestion controller if not the default, TCP congestion control)
+    for (t, congestion, tcp) in [
+        (Transport::Tls, None, "bbr"),
+        (Transport::TlsH2, None, "bbr"),
+        (Transport::TlsYamux, None, "bbr"),
+        (Transport::Quic, None, "bbr"),
+        (Transport::Quic, Some("bbr"), "bbr"),
+        // TCP as most Linux hosts run it: backs off on every loss, so bulk crawls and what
+        // queues behind it waits long. Reported; tether_mux's unit test
+        // `on_a_slow_link_a_small_message_waits_behind_little_of_a_flood` checks the queue.
+        (Transport::Tls, None, "cubic"),
     ] {
-        match run_over_lossy_link(t, congestion).await {
+        match run_over_lossy_link(t, congestion, tcp).await {
             Ok(row) => rows.push(row),
             Err(Setup(why)) => {
                 println!("SKIPPED lossy-link test: {why}");
@@ -188,9 +193,11 @@ async fn every_transport_over_a_lossy_link_bulk_and_request_response_at_once() {
     println!("(written to {})", path.display());
     for r in &rows {
         // Both streams made progress at the same time: the small exchanges were not starved
-        // by the bulk stream, and the bulk stream moved data despite the losses.
+        // by the bulk stream, and the bulk stream moved data despite the losses (CUBIC's
+        // ~0.4 MiB/s included).
         assert!(r.bulk_bytes >= 256 << 10, "{report}");
-        assert!(r.round_trips.len() >= 10, "{report}");
+        let least = if r.tcp == "cubic" { 5 } else { 10 };
+        assert!(r.round_trips.len() >= least, "{report}");
     }
 }
 
@@ -323,7 +330,7 @@ mod lossy {
     }
 
     impl LinkedNamespaces {
-        fn create(tag: &str) -> Result<Self, Setup> {
+        fn create(tag: &str, tcp: &'static str) -> Result<Self, Setup> {
             let pid = std::process::id();
             let mut link = LinkedNamespaces {
                 proxy_ns: format!("tq-p-{tag}-{pid}"),
@@ -340,14 +347,12 @@ mod lossy {
                 (&link.agent_ns, AGENT_IP, PROXY_IP),
             ] {
                 setup(ip(&["-n", ns, "link", "set", "lo", "up"]))?;
-                // TCP's pacing on this link decides the TLS rows; pin it rather than inherit
-                // the host's default (see `TCP_CONGESTION`).
-                in_netns(ns, || std::fs::write(TCP_CONGESTION_SYSCTL, TCP_CONGESTION))
+                // TCP's pacing on this link decides the TLS rows: set, not inherited from the
+                // host (see `TCP_CONGESTION_SYSCTL`).
+                in_netns(ns, move || std::fs::write(TCP_CONGESTION_SYSCTL, tcp))
                     .and_then(|r| r)
                     .map_err(|e| {
-                        Setup(format!(
-                            "setting TCP congestion control {TCP_CONGESTION} in {ns}: {e}"
-                        ))
+                        Setup(format!("setting TCP congestion control {tcp} in {ns}: {e}"))
                     })?;
                 let tun = in_netns(ns, || open_tun(TUN))
                     .and_then(|r| r)
@@ -434,18 +439,18 @@ mod lossy {
         [reader, writer]
     }
 
-    /// The TCP congestion control of both namespaces. With BBR, TCP keeps its rate under
+    /// Where a namespace's TCP congestion control is set. With BBR, TCP keeps its rate under
     /// random loss (the three TLS multiplexers moved 33–35 MiB/s here); with CUBIC, the usual
-    /// Linux default, it backs off on every loss, as QUIC's default does: 0.4 MiB/s, and small
-    /// exchanges behind the bulk stream's queue took 0.6–2.2 s (tether's multiplexer the
-    /// longest, see `benches/RESULTS.md`). The test pins BBR so that its figures do not depend
-    /// on the host.
-    const TCP_CONGESTION: &str = "bbr";
+    /// Linux default, it backs off on every loss, as QUIC's default does (0.4 MiB/s), and
+    /// small exchanges wait behind what the bulk stream has queued (`benches/RESULTS.md`).
+    /// Each row says which it ran with, so that the figures do not depend on the host.
     const TCP_CONGESTION_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_congestion_control";
 
     /// What one transport did over the link.
     pub struct Row {
         pub transport: String,
+        /// The TCP congestion control of the namespaces.
+        pub tcp: &'static str,
         pub bulk_bytes: usize,
         pub round_trips: Vec<Duration>,
     }
@@ -453,11 +458,10 @@ mod lossy {
     /// The rows as a Markdown table.
     pub fn render(rows: &[Row]) -> String {
         let mut out = format!(
-            "Lossy link: {} ms each way, {:.0}% loss each way (userspace netem), TCP congestion \
-             control {TCP_CONGESTION}, {} s with a bulk stream and a 64-byte request/response \
-             stream at once\n\n\
-             | transport | bulk MiB/s | round trips | p50 ms | p99 ms | max ms |\n\
-             |---|---|---|---|---|---|\n",
+            "Lossy link: {} ms each way, {:.0}% loss each way (userspace netem), {} s with a \
+             bulk stream and a 64-byte request/response stream at once\n\n\
+             | transport | TCP | bulk MiB/s | round trips | p50 ms | p99 ms | max ms |\n\
+             |---|---|---|---|---|---|---|\n",
             DELAY.as_millis(),
             LOSS * 100.0,
             WINDOW.as_secs()
@@ -471,8 +475,9 @@ mod lossy {
                     .unwrap_or(f64::NAN)
             };
             out.push_str(&format!(
-                "| {} | {:.2} | {} | {:.1} | {:.1} | {:.1} |\n",
+                "| {} | {} | {:.2} | {} | {:.1} | {:.1} | {:.1} |\n",
                 r.transport,
+                r.tcp,
                 r.bulk_bytes as f64 / WINDOW.as_secs_f64() / (1 << 20) as f64,
                 lat.len(),
                 pick(0.5),
@@ -559,16 +564,18 @@ mod lossy {
     /// Runs `tether-proxy` and `tether-agent` on the two sides of a fresh link, with the
     /// agent dialing over `t`, and measures a bulk stream and a request/response stream.
     /// One transport over the link; `congestion` is the QUIC congestion controller both
-    /// ends use, if not the default.
+    /// ends use, if not the default, and `tcp` the namespaces' TCP congestion control.
     pub async fn run_over_lossy_link(
         t: Transport,
         congestion: Option<&'static str>,
+        tcp: &'static str,
     ) -> Result<Row, Setup> {
         let cc_args: Vec<&str> = match congestion {
             Some(cc) => vec!["--quic-congestion-control", cc],
             None => vec![],
         };
-        let link = LinkedNamespaces::create(&format!("{}{}", t.tag(), congestion.unwrap_or("")))?;
+        let tag = format!("{}{}{tcp}", t.tag(), congestion.unwrap_or(""));
+        let link = LinkedNamespaces::create(&tag, tcp)?;
         let dir = tempfile::tempdir().expect("temp dir");
         let state = dir.path().join("state");
         let log = |name: &str| -> PathBuf { dir.path().join(name) };
@@ -694,6 +701,7 @@ mod lossy {
                 Some(cc) => format!("{} ({cc})", t.session_name()),
                 None => t.session_name().to_string(),
             },
+            tcp,
             bulk_bytes,
             round_trips,
         })

@@ -50,8 +50,12 @@
 //! delays another stream. A stream whose reader keeps up (nothing left queued when it returns
 //! credit) doubles its window each time, up to [`MAX_WINDOW`], for long fat links; the growth
 //! of all streams of a session together is bounded by [`WINDOW_GROWTH_BUDGET`]. The outbox is
-//! bounded by [`OUTBOX_LIMIT`]: a writer that finds it full waits for the connection task to
-//! drain it. Idle sessions give their read and write buffers back.
+//! bounded: a writer that finds it full waits for the connection task to drain it. The bound
+//! is [`OUTBOX_LIMIT`] while the connection takes a full outbox within [`QUICK_DRAIN`], and
+//! halves, down to [`MIN_OUTBOX`], each time one takes longer than [`SLOW_DRAIN`] (doubling
+//! back when draining is quick again): on a slow or lossy link a small message written behind
+//! a bulk stream then waits for at most a small outbox, not half a megabyte at the link's
+//! rate. Idle sessions give their read and write buffers back.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
@@ -60,6 +64,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{ready, Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -82,11 +87,22 @@ pub const INITIAL_WINDOW: u32 = 256 * 1024;
 pub const MAX_WINDOW: u32 = 16 * 1024 * 1024;
 /// Window growth beyond [`INITIAL_WINDOW`], summed over a session's streams.
 pub const WINDOW_GROWTH_BUDGET: i64 = 64 * 1024 * 1024;
-/// Frames waiting in the outbox beyond which writers of data wait (control frames never do).
+/// Frames waiting in the outbox beyond which writers of data wait (control frames never do),
+/// on a connection that keeps up.
 pub const OUTBOX_LIMIT: usize = 512 * 1024;
-/// While several writers wait for outbox room, what one of them may queue before the others
-/// have had their turn (see [`Outbox::contended`]).
-const FAIR_SHARE: usize = OUTBOX_LIMIT / 4;
+/// The least the outbox limit falls to on a connection that drains slowly.
+pub const MIN_OUTBOX: usize = 64 * 1024;
+/// A batch of frames that takes longer than this to hand to the connection halves the
+/// outbox limit (at 512 KiB, a link slower than 25 MB/s; at 64 KiB, 3 MB/s).
+pub const SLOW_DRAIN: Duration = Duration::from_millis(20);
+/// Outbox room kept after a take for each writer that had found it full before queuing
+/// anything (see [`Outbox::reserved`]).
+const FIRST_TURN_RESERVE: usize = 16 * 1024;
+/// The smallest piece of a write that goes in the outbox's last room; with less room than
+/// this (and a larger write) the writer waits for the next take.
+const MIN_PIECE: usize = 4 * 1024;
+/// A batch handed over within this doubles the outbox limit again.
+pub const QUICK_DRAIN: Duration = Duration::from_millis(5);
 /// Unsent frames beyond which the connection task stops reading (only frames sent in answer
 /// to the peer's, which data writers never wait for, can take the outbox past
 /// [`OUTBOX_LIMIT`]).
@@ -152,6 +168,7 @@ where
         refused_opens: 0,
         rbuf: BytesMut::new(),
         sending: Frames::default(),
+        batch: None,
         need_flush: false,
         yielded: false,
         write_blocked: false,
@@ -200,6 +217,19 @@ impl DirectOpen for Conn {
         drop(out);
         wake(w);
         Ok(Box::new(TetherStream { shared, conn: self }))
+    }
+}
+
+/// The outbox limit after a batch of `bytes` took `took` to hand to the connection, from
+/// `limit`. Only a batch of at least half the limit counts as slow (a few frames can wait
+/// for a moment without the link being slow); any quick one counts as quick.
+fn next_outbox_limit(limit: usize, bytes: usize, took: Duration) -> usize {
+    if took > SLOW_DRAIN && bytes >= limit / 2 {
+        (limit / 2).max(MIN_OUTBOX)
+    } else if took < QUICK_DRAIN && bytes >= limit / 2 {
+        (limit * 2).min(OUTBOX_LIMIT)
+    } else {
+        limit
     }
 }
 
@@ -303,7 +333,6 @@ impl Frames {
 }
 
 /// Frames written by streams and not yet taken by the connection task.
-#[derive(Default)]
 struct Outbox {
     frames: Frames,
     /// Streams dropped since the connection task last looked: it forgets them.
@@ -318,17 +347,43 @@ struct Outbox {
     /// Counts the times the connection task took the frames; a stream's share is counted
     /// per take.
     taken: u64,
-    /// More than one writer was woken at the last take: each may queue [`FAIR_SHARE`] until
-    /// the next. Without this, whichever woken writer runs first refills the whole outbox
+    /// More than one writer was woken at the last take: each may queue a quarter of `limit`
+    /// until the next. Without this, whichever woken writer runs first refills the whole outbox
     /// (a splice queues all it can in one go), and with a scheduler that runs woken tasks in
     /// order, the same one runs first every time and a small writer behind it starves.
     contended: bool,
+    /// Frames beyond which data writers wait: [`OUTBOX_LIMIT`], lower while the connection
+    /// drains slowly (set by the connection task).
+    limit: usize,
+    /// Room under `limit` kept, since the last take, for the writers that were starved
+    /// before it ([`FIRST_TURN_RESERVE`] each): whoever else runs first after a take cannot
+    /// fill the outbox in front of them (a writer woken by new credit, say).
+    reserved: usize,
     /// The session has ended: nothing more is sent.
     closed: bool,
     /// Id of the next stream this side opens.
     next_id: u32,
     /// Streams opened since the connection task last looked: it adds them to its table.
     opened: Vec<Arc<StreamShared>>,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox {
+            frames: Frames::default(),
+            dropped: Vec::new(),
+            driver: None,
+            starved: Vec::new(),
+            waiting: Vec::new(),
+            taken: 0,
+            contended: false,
+            limit: OUTBOX_LIMIT,
+            reserved: 0,
+            closed: false,
+            next_id: 0,
+            opened: Vec::new(),
+        }
+    }
 }
 
 impl Outbox {
@@ -420,6 +475,10 @@ struct StreamState {
     writer: Option<Waker>,
     /// Queued in [`Outbox::waiting`] or [`Outbox::starved`].
     waiting_room: bool,
+    /// The writer found the outbox full before queuing anything and was woken first at the
+    /// take with this count ([`Outbox::taken`]): until the next take, room is kept for it
+    /// ([`Outbox::reserved`]) until it writes.
+    first_turn: Option<u64>,
     /// Data bytes queued since the outbox was last taken (valid while `queued_at` is
     /// [`Outbox::taken`]).
     queued: usize,
@@ -574,8 +633,14 @@ impl TetherStream {
             st.queued = 0;
             st.queued_at = out.taken;
         }
-        let full = out.frames.len() >= OUTBOX_LIMIT;
-        if full || (out.contended && st.queued >= FAIR_SHARE) {
+        // Room kept for writers that found the outbox full last time, until they have written.
+        let first_turn = st.first_turn == Some(out.taken);
+        let reserved = if first_turn { 0 } else { out.reserved };
+        let limit = out.limit.saturating_sub(reserved);
+        let room = limit.saturating_sub(out.frames.len());
+        // Full, or too full for this write to go in a frame worth sending.
+        let full = room == 0 || (room < n && room < MIN_PIECE);
+        if full || (out.contended && st.queued >= out.limit / 4) {
             st.writer = Some(cx.waker().clone());
             if !st.waiting_room {
                 st.waiting_room = true;
@@ -586,6 +651,12 @@ impl TetherStream {
                 }
             }
             return Poll::Pending;
+        }
+        // Never past the limit: with a small outbox one frame could otherwise fill it all.
+        let n = n.min(room);
+        if first_turn {
+            st.first_turn = None;
+            out.reserved = out.reserved.saturating_sub(FIRST_TURN_RESERVE);
         }
         let w = push(&mut out, n);
         drop(out);
@@ -758,6 +829,9 @@ struct Driver<T> {
     rbuf: BytesMut,
     /// Frames being written.
     sending: Frames,
+    /// When the frames being written were taken from the outbox, and how many bytes they
+    /// were: how long the connection takes them sets the outbox limit.
+    batch: Option<(Instant, usize)>,
     /// Bytes handed to TLS since the last flush.
     need_flush: bool,
     /// The driver has just yielded ([`Step::Yield`]): take the outbox now.
@@ -1157,15 +1231,25 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         if waiting_frames && !std::mem::take(&mut self.yielded) {
             return Refill::Defer;
         }
+        // The batch just sent is done: how long it took says how fast the connection drains.
+        if let Some((since, bytes)) = self.batch.take() {
+            out.limit = next_outbox_limit(out.limit, bytes, since.elapsed());
+        }
         std::mem::swap(&mut out.frames, &mut self.sending);
+        if !self.sending.is_empty() {
+            self.batch = Some((Instant::now(), self.sending.len()));
+        }
         for s in out.opened.drain(..) {
             self.streams.insert(s.id, s);
         }
         let dropped = std::mem::take(&mut out.dropped);
         // Woken in this order and, on a scheduler that runs woken tasks in order, served so.
         let mut waiting = std::mem::take(&mut out.starved);
+        let first_turns = waiting.len();
+        out.reserved = (first_turns * FIRST_TURN_RESERVE).min(out.limit / 2);
         waiting.append(&mut out.waiting);
         out.taken += 1;
+        let taken = out.taken;
         out.contended = waiting.len() > 1;
         let empty = self.sending.is_empty();
         if empty {
@@ -1182,9 +1266,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         for id in dropped {
             self.streams.remove(&id);
         }
-        for s in waiting {
+        for (i, s) in waiting.into_iter().enumerate() {
             let mut st = lock(&s.state);
             st.waiting_room = false;
+            st.first_turn = (i < first_turns).then_some(taken);
             let w = st.writer.take();
             drop(st);
             wake(w);
@@ -1649,6 +1734,164 @@ mod tests {
         assert!(
             flooded <= 2 * OUTBOX_LIMIT as u64,
             "the small write waited while {flooded} bytes of the flood were queued"
+        );
+    }
+
+    #[test]
+    fn the_outbox_shrinks_while_batches_drain_slowly_and_grows_back() {
+        let slow = SLOW_DRAIN + Duration::from_millis(1);
+        let quick = Duration::ZERO;
+        let mut limit = OUTBOX_LIMIT;
+        let mut seen = vec![limit];
+        while limit > MIN_OUTBOX {
+            limit = next_outbox_limit(limit, limit, slow);
+            seen.push(limit);
+        }
+        assert_eq!(seen, [512, 256, 128, 64].map(|k| k * 1024));
+        assert_eq!(next_outbox_limit(limit, limit, slow), MIN_OUTBOX);
+        // A few frames that waited a while say nothing about the link.
+        assert_eq!(next_outbox_limit(OUTBOX_LIMIT, 1024, slow), OUTBOX_LIMIT);
+        // Neither slow nor quick: unchanged.
+        assert_eq!(
+            next_outbox_limit(128 * 1024, 128 * 1024, Duration::from_millis(10)),
+            128 * 1024
+        );
+        while limit < OUTBOX_LIMIT {
+            limit = next_outbox_limit(limit, limit, quick);
+        }
+        assert_eq!(limit, OUTBOX_LIMIT);
+        assert_eq!(next_outbox_limit(limit, limit, quick), OUTBOX_LIMIT);
+    }
+
+    /// A connection that takes `per_tick` bytes every `tick`: a slow link.
+    struct Throttled<T> {
+        io: T,
+        per_tick: usize,
+        tick: Duration,
+        allowance: usize,
+        next: Pin<Box<tokio::time::Sleep>>,
+    }
+
+    impl<T> Throttled<T> {
+        fn new(io: T, per_tick: usize, tick: Duration) -> Self {
+            Throttled {
+                io,
+                per_tick,
+                tick,
+                allowance: per_tick,
+                next: Box::pin(tokio::time::sleep(tick)),
+            }
+        }
+    }
+
+    impl<T: AsyncRead + Unpin> AsyncRead for Throttled<T> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl<T: AsyncWrite + Unpin> AsyncWrite for Throttled<T> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.allowance == 0 {
+                ready!(self.next.as_mut().poll(cx));
+                let at = tokio::time::Instant::now() + self.tick;
+                self.next.as_mut().reset(at);
+                self.allowance = self.per_tick;
+            }
+            let n = buf.len().min(self.allowance);
+            let written = ready!(Pin::new(&mut self.io).poll_write(cx, &buf[..n]))?;
+            self.allowance -= written;
+            Poll::Ready(Ok(written))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// On a slow link the outbox shrinks, so a small message written behind a bulk stream
+    /// arrives after a small outbox's worth of the bulk, not after half a megabyte of it
+    /// queued at the link's rate. (Counted in bytes of the bulk stream that arrived first.)
+    #[tokio::test]
+    async fn on_a_slow_link_a_small_message_waits_behind_little_of_a_flood() {
+        use std::sync::atomic::AtomicU64;
+        // 4 KiB per 2 ms, about 2 MB/s, from the agent's side.
+        let (a, b) = tokio::io::duplex(8 * 1024);
+        let b = Throttled::new(b, 4 * 1024, Duration::from_millis(2));
+        let info = SessionInfo {
+            transport: "test",
+            peer: "127.0.0.1:9".parse().unwrap(),
+        };
+        let proxy = start(a, Role::Proxy, info.clone(), &SessionConfig::default());
+        let mut agent = start(b, Role::Agent, info, &SessionConfig::default());
+        let mut bulk_rx = proxy.handle.open_stream().await.unwrap();
+        bulk_rx.write_all(b"b").await.unwrap();
+        let mut bulk_tx = agent.incoming.accept().await.unwrap();
+        let mut small_rx = proxy.handle.open_stream().await.unwrap();
+        small_rx.write_all(b"s").await.unwrap();
+        let mut small_tx = agent.incoming.accept().await.unwrap();
+        let mut first = [0u8; 1];
+        bulk_tx.read_exact(&mut first).await.unwrap();
+        small_tx.read_exact(&mut first).await.unwrap();
+
+        // The bulk stream writes 3 MiB; its reader counts what has arrived.
+        const BULK: u64 = 3 << 20;
+        let flood = tokio::spawn(async move {
+            let chunk = Bytes::from(vec![7u8; MAX_FRAME]);
+            for _ in 0..BULK / MAX_FRAME as u64 {
+                bulk_tx.write_all(&chunk).await.unwrap();
+            }
+            bulk_tx.shutdown().await.unwrap();
+        });
+        let arrived = Arc::new(AtomicU64::new(0));
+        let drain = {
+            let arrived = arrived.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match bulk_rx.read(&mut buf).await.unwrap() {
+                        0 => return,
+                        n => arrived.fetch_add(n as u64, Ordering::Relaxed),
+                    };
+                }
+            })
+        };
+        // Once a megabyte has arrived the outbox has had time to shrink (each halving takes
+        // one batch drained too slowly): send the small message and count what arrives first.
+        while arrived.load(Ordering::Relaxed) < 1 << 20 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let before = arrived.load(Ordering::Relaxed);
+        small_tx.write_all(&[1u8; 64]).await.unwrap();
+        let mut got = [0u8; 64];
+        small_rx.read_exact(&mut got).await.unwrap();
+        let behind = arrived.load(Ordering::Relaxed) - before;
+        assert_eq!(got, [1u8; 64]);
+        flood.await.unwrap();
+        drain.await.unwrap();
+        assert_eq!(
+            arrived.load(Ordering::Relaxed),
+            BULK,
+            "the flood arrived whole"
+        );
+        // A shrunk outbox and the batch being sent: about 2 × MIN_OUTBOX, and less than the
+        // unshrunk outbox alone would hold.
+        assert!(
+            behind < OUTBOX_LIMIT as u64 / 2,
+            "the small message arrived after {behind} bytes of the flood (outbox limit \
+             {MIN_OUTBOX} once shrunk, {OUTBOX_LIMIT} unshrunk)"
         );
     }
 }
