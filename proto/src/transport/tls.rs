@@ -101,8 +101,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// stream waits for all of it, whatever order the multiplexer would have chosen. With the
 /// bound, what waits beyond it stays with the multiplexer, which takes turns between streams
 /// and (tether's) shrinks its outbox when the link drains slowly. On a link with 40 ms round
-/// trips, 1% loss and TCP on CUBIC, small exchanges behind a bulk stream went from about 2 s
-/// to about 0.5 s over tether's multiplexer (`benches/RESULTS.md`, session 7).
+/// trips, 1% loss and TCP on CUBIC, small exchanges behind a bulk stream went from about 2.2 s
+/// to about 1 s over tether's multiplexer with both; a 32 KiB bound gave 0.77 s but cost 5–10%
+/// of bulk on fast links (`benches/RESULTS.md`, session 7).
 pub const UNSENT_LOWAT: u32 = 128 * 1024;
 
 /// Dials `addr`, completes TLS 1.3 verifying the server as `server_name`, and starts a session
