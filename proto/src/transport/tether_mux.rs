@@ -1337,6 +1337,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     use super::*;
+    use crate::transport::MuxStream;
 
     /// A proxy-role session over an in-memory pipe, and the raw other end of the pipe.
     fn proxy_session() -> (Session, DuplexStream) {
@@ -1660,6 +1661,44 @@ mod tests {
         assert!(bodies[1][1..].iter().all(|&b| b == 7));
     }
 
+    /// A proxy session on `proxy_io` and an agent session on `agent_io`, and two streams the
+    /// proxy opened, each as (proxy's end, agent's end), both open at both ends. The sessions
+    /// are returned to be kept alive.
+    async fn two_streams<P, A>(
+        proxy_io: P,
+        agent_io: A,
+    ) -> ((Session, Session), [(MuxStream, MuxStream); 2])
+    where
+        P: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        A: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let info = SessionInfo {
+            transport: "test",
+            peer: "127.0.0.1:9".parse().unwrap(),
+        };
+        let proxy = start(
+            proxy_io,
+            Role::Proxy,
+            info.clone(),
+            &SessionConfig::default(),
+        );
+        let mut agent = start(agent_io, Role::Agent, info, &SessionConfig::default());
+        let mut streams = Vec::with_capacity(2);
+        for _ in 0..2 {
+            // The agent learns of a stream with its first byte.
+            let mut ours = proxy.handle.open_stream().await.unwrap();
+            ours.write_all(b"o").await.unwrap();
+            let mut theirs = agent.incoming.accept().await.unwrap();
+            let mut first = [0u8; 1];
+            theirs.read_exact(&mut first).await.unwrap();
+            streams.push((ours, theirs));
+        }
+        let Ok(streams) = <[_; 2]>::try_from(streams) else {
+            unreachable!("two streams were pushed")
+        };
+        ((proxy, agent), streams)
+    }
+
     /// A writer that queues all it can (as a splice does) must not keep a small writer on the
     /// same session out of the outbox. On a single-threaded runtime, which runs woken tasks in
     /// the order they were woken, the greedy writer once refilled the whole outbox every time
@@ -1669,21 +1708,8 @@ mod tests {
         use std::sync::atomic::{AtomicBool, AtomicU64};
         // A narrow pipe keeps the outbox full, as a slow link does.
         let (a, b) = tokio::io::duplex(8 * 1024);
-        let info = SessionInfo {
-            transport: "test",
-            peer: "127.0.0.1:9".parse().unwrap(),
-        };
-        let proxy = start(a, Role::Proxy, info.clone(), &SessionConfig::default());
-        let mut agent = start(b, Role::Agent, info, &SessionConfig::default());
-        let mut greedy_rx = proxy.handle.open_stream().await.unwrap();
-        greedy_rx.write_all(b"g").await.unwrap();
-        let mut greedy_tx = agent.incoming.accept().await.unwrap();
-        let mut small_rx = proxy.handle.open_stream().await.unwrap();
-        small_rx.write_all(b"s").await.unwrap();
-        let mut small_tx = agent.incoming.accept().await.unwrap();
-        let mut first = [0u8; 1];
-        greedy_tx.read_exact(&mut first).await.unwrap();
-        small_tx.read_exact(&mut first).await.unwrap();
+        let (_sessions, [(mut greedy_rx, mut greedy_tx), (mut small_rx, mut small_tx)]) =
+            two_streams(a, b).await;
 
         const CAP: u64 = 32 << 20;
         let sent = Arc::new(AtomicU64::new(0));
@@ -1830,21 +1856,8 @@ mod tests {
         // 4 KiB per 2 ms, about 2 MB/s, from the agent's side.
         let (a, b) = tokio::io::duplex(8 * 1024);
         let b = Throttled::new(b, 4 * 1024, Duration::from_millis(2));
-        let info = SessionInfo {
-            transport: "test",
-            peer: "127.0.0.1:9".parse().unwrap(),
-        };
-        let proxy = start(a, Role::Proxy, info.clone(), &SessionConfig::default());
-        let mut agent = start(b, Role::Agent, info, &SessionConfig::default());
-        let mut bulk_rx = proxy.handle.open_stream().await.unwrap();
-        bulk_rx.write_all(b"b").await.unwrap();
-        let mut bulk_tx = agent.incoming.accept().await.unwrap();
-        let mut small_rx = proxy.handle.open_stream().await.unwrap();
-        small_rx.write_all(b"s").await.unwrap();
-        let mut small_tx = agent.incoming.accept().await.unwrap();
-        let mut first = [0u8; 1];
-        bulk_tx.read_exact(&mut first).await.unwrap();
-        small_tx.read_exact(&mut first).await.unwrap();
+        let (_sessions, [(mut bulk_rx, mut bulk_tx), (mut small_rx, mut small_tx)]) =
+            two_streams(a, b).await;
 
         // The bulk stream writes 3 MiB; its reader counts what has arrived.
         const BULK: u64 = 3 << 20;
