@@ -733,12 +733,11 @@ impl TetherStream {
         // A small write goes ahead in the urgent lane, which has room of its own; the rest
         // waits for room under the outbox limit.
         let lane = out.lane_for(&mut st, len);
+        // Room kept for writers that found the outbox full last time, until they have written.
+        let first_turn = st.first_turn == Some(out.taken);
         let n = if lane == Lane::Urgent {
             n
         } else {
-            // Room kept for writers that found the outbox full last time, until they have
-            // written.
-            let first_turn = st.first_turn == Some(out.taken);
             let reserved = if first_turn { 0 } else { out.reserved };
             let limit = out.limit.saturating_sub(reserved);
             let room = limit.saturating_sub(out.frames.len());
@@ -756,13 +755,13 @@ impl TetherStream {
                 }
                 return Poll::Pending;
             }
-            if first_turn {
-                st.first_turn = None;
-                out.reserved = out.reserved.saturating_sub(FIRST_TURN_RESERVE);
-            }
             // Never past the limit: with a small outbox one frame could otherwise fill it all.
             n.min(room)
         };
+        if first_turn {
+            st.first_turn = None;
+            out.reserved = out.reserved.saturating_sub(FIRST_TURN_RESERVE);
+        }
         let w = push(&mut out, lane, n);
         drop(out);
         st.queued += n;
@@ -801,9 +800,7 @@ impl AsyncWrite for TetherStream {
             return Poll::Ready(Ok(0));
         }
         let id = self.shared.id;
-        self.poll_send(cx, len, |out, lane, n| {
-            out.push_gathered(lane, id, bufs, n)
-        })
+        self.poll_send(cx, len, |out, lane, n| out.push_gathered(lane, id, bufs, n))
     }
 
     fn is_write_vectored(&self) -> bool {
