@@ -74,7 +74,7 @@ use tracing::{debug, warn};
 
 use super::{
     session_parts_with, DirectOpen, DriverParts, Role, Session, SessionConfig, SessionError,
-    SessionInfo, StreamInner,
+    SessionInfo, SlowLinkHook, StreamInner,
 };
 
 /// Bytes of a frame header.
@@ -103,6 +103,9 @@ const FIRST_TURN_RESERVE: usize = 16 * 1024;
 /// The smallest piece of a write that goes in the outbox's last room; with less room than
 /// this (and a larger write) the writer waits for the next take.
 const MIN_PIECE: usize = 4 * 1024;
+/// An outbox limit at or below this means a slow link (batches of half of it took over
+/// [`SLOW_DRAIN`] to hand over: a link under about 3 MB/s): see [`start_with`].
+pub const SLOW_LINK_OUTBOX: usize = 4 * MIN_OUTBOX;
 /// A batch handed over within this doubles the outbox limit again.
 pub const QUICK_DRAIN: Duration = Duration::from_millis(5);
 /// Unsent frames beyond which the connection task stops reading (only frames sent in answer
@@ -140,7 +143,23 @@ const FLAG_FIN: u8 = 2;
 const FLAG_RESET: u8 = 4;
 
 /// Runs the multiplexer over `io` and returns the session; a driver task owns `io`.
+#[cfg(test)]
 pub(crate) fn start<T>(io: T, role: Role, info: SessionInfo, cfg: &SessionConfig) -> Session
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    start_with(io, role, info, cfg, None)
+}
+
+/// [`start`], calling `on_slow_link` when the outbox limit falls to [`SLOW_LINK_OUTBOX`]
+/// (the link is slow) and when it grows past it again.
+pub(crate) fn start_with<T>(
+    io: T,
+    role: Role,
+    info: SessionInfo,
+    cfg: &SessionConfig,
+    on_slow_link: Option<SlowLinkHook>,
+) -> Session
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -180,6 +199,8 @@ where
         need_flush: false,
         yielded: false,
         write_blocked: false,
+        on_slow_link,
+        slow_link: false,
     };
     tokio::spawn(driver.run());
     session
@@ -951,6 +972,10 @@ struct Driver<T> {
     /// The connection did not take everything written to it (the peer is not reading, or
     /// not fast enough).
     write_blocked: bool,
+    /// Told when `slow_link` changes.
+    on_slow_link: Option<SlowLinkHook>,
+    /// The outbox limit is at most [`SLOW_LINK_OUTBOX`].
+    slow_link: bool,
 }
 
 /// What the driver does next.
@@ -1347,6 +1372,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         if let Some((since, bytes)) = self.batch.take() {
             out.limit = next_outbox_limit(out.limit, bytes, since.elapsed());
         }
+        let pace_changed = (out.limit <= SLOW_LINK_OUTBOX) != self.slow_link;
         out.take_frames(&mut self.sending);
         if !self.sending.is_empty() {
             self.batch = Some((Instant::now(), self.sending.len()));
@@ -1374,6 +1400,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
             }
         }
         drop(out);
+        if pace_changed {
+            self.slow_link = !self.slow_link;
+            if let Some(hook) = &mut self.on_slow_link {
+                hook(self.slow_link);
+            }
+        }
         if empty && self.sending.bytes.capacity() > IDLE_KEEP {
             self.sending = Frames::default();
         }
@@ -1820,12 +1852,13 @@ mod tests {
         assert!(bodies[1][1..].iter().all(|&b| b == 7));
     }
 
-    /// A proxy session on `proxy_io` and an agent session on `agent_io`, and two streams the
-    /// proxy opened, each as (proxy's end, agent's end), both open at both ends. The sessions
-    /// are returned to be kept alive.
+    /// A proxy session on `proxy_io` and an agent session on `agent_io` (which tells
+    /// `agent_on_slow_link` of its pace), and two streams the proxy opened, each as (proxy's
+    /// end, agent's end), both open at both ends. The sessions are returned to be kept alive.
     async fn two_streams<P, A>(
         proxy_io: P,
         agent_io: A,
+        agent_on_slow_link: Option<SlowLinkHook>,
     ) -> ((Session, Session), [(MuxStream, MuxStream); 2])
     where
         P: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -1841,7 +1874,13 @@ mod tests {
             info.clone(),
             &SessionConfig::default(),
         );
-        let mut agent = start(agent_io, Role::Agent, info, &SessionConfig::default());
+        let mut agent = start_with(
+            agent_io,
+            Role::Agent,
+            info,
+            &SessionConfig::default(),
+            agent_on_slow_link,
+        );
         let mut streams = Vec::with_capacity(2);
         for _ in 0..2 {
             // The agent learns of a stream with its first byte.
@@ -1868,7 +1907,7 @@ mod tests {
         // A narrow pipe keeps the outbox full, as a slow link does.
         let (a, b) = tokio::io::duplex(8 * 1024);
         let (_sessions, [(mut greedy_rx, mut greedy_tx), (mut small_rx, mut small_tx)]) =
-            two_streams(a, b).await;
+            two_streams(a, b, None).await;
 
         const CAP: u64 = 32 << 20;
         let sent = Arc::new(AtomicU64::new(0));
@@ -2016,8 +2055,15 @@ mod tests {
         // 4 KiB per 2 ms, about 2 MB/s, from the agent's side.
         let (a, b) = tokio::io::duplex(8 * 1024);
         let b = Throttled::new(b, 4 * 1024, Duration::from_millis(2));
-        let (_sessions, [(mut bulk_rx, mut bulk_tx), (mut small_rx, mut small_tx)]) =
-            two_streams(a, b).await;
+        // What the agent's session says of the link's pace, in order.
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let paces = told.clone();
+        let (_sessions, [(mut bulk_rx, mut bulk_tx), (mut small_rx, mut small_tx)]) = two_streams(
+            a,
+            b,
+            Some(Box::new(move |slow| paces.lock().unwrap().push(slow))),
+        )
+        .await;
 
         // The bulk stream writes 3 MiB; its reader counts what has arrived.
         const BULK: u64 = 3 << 20;
@@ -2063,6 +2109,11 @@ mod tests {
         // outbox: only the batch being sent (a shrunk outbox's worth) and what is in the pipe
         // arrive first. Measured: 64 KiB; 104 KiB without the urgent lane, 180 KiB with a
         // 64 KiB smallest outbox as well, 786 KiB with an outbox that never shrinks.
+        // The session found the link slow (and the TLS transport would lower the socket's
+        // unsent bound); any later reports alternate.
+        let told = told.lock().unwrap().clone();
+        assert_eq!(told.first(), Some(&true), "reports: {told:?}");
+        assert!(told.windows(2).all(|w| w[0] != w[1]), "reports: {told:?}");
         assert!(
             behind < 96 * 1024,
             "the small message arrived after {behind} bytes of the flood (outbox limit \

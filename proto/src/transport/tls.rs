@@ -17,7 +17,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use super::{Role, Session, SessionConfig, SessionError, SessionInfo};
+use super::{Role, Session, SessionConfig, SessionError, SessionInfo, SlowLinkHook};
 
 /// ALPN of tether's own multiplexer ([`super::tether_mux`]).
 pub const TETHER_MUX_ALPN: &[u8] = b"tether/2";
@@ -75,7 +75,14 @@ impl Mux {
         }
     }
 
-    fn start<T>(self, io: T, role: Role, peer: SocketAddr, cfg: &SessionConfig) -> Session
+    fn start<T>(
+        self,
+        io: T,
+        role: Role,
+        peer: SocketAddr,
+        cfg: &SessionConfig,
+        on_slow_link: Option<SlowLinkHook>,
+    ) -> Session
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
@@ -84,7 +91,7 @@ impl Mux {
             peer,
         };
         match self {
-            Mux::Tether => super::tether_mux::start(io, role, info, cfg),
+            Mux::Tether => super::tether_mux::start_with(io, role, info, cfg, on_slow_link),
             Mux::Yamux => super::yamux::start(io, role, info, cfg),
             Mux::H2 => super::h2::start(io, role, info, cfg),
         }
@@ -105,6 +112,16 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// to about 1 s over tether's multiplexer with both; a 32 KiB bound gave 0.77 s but cost 5–10%
 /// of bulk on fast links (`benches/RESULTS.md`, session 7).
 pub const UNSENT_LOWAT: u32 = 128 * 1024;
+
+/// The unsent bound while tether's multiplexer finds the link slow (its outbox limit has
+/// fallen to [`super::tether_mux::SLOW_LINK_OUTBOX`]: batches took over 20 ms to hand over,
+/// a link under about 3 MB/s). There the bound's cost in system calls does not matter, and a
+/// small frame sent ahead of queued bulk waits behind 16 KiB of the kernel's instead of
+/// 128 KiB: on a link with 40 ms round trips, 1% loss and TCP on CUBIC, small exchanges
+/// beside a bulk stream went from 0.69–0.83 s to 0.33–0.50 s (p50, `benches/RESULTS.md`,
+/// session 8). Back to [`UNSENT_LOWAT`] when the outbox grows again. The other multiplexers
+/// keep [`UNSENT_LOWAT`].
+pub const SLOW_UNSENT_LOWAT: u32 = 16 * 1024;
 
 /// Dials `addr`, completes TLS 1.3 verifying the server as `server_name`, and starts a session
 /// in the agent role.
@@ -146,7 +163,8 @@ pub async fn connect(
         source,
     })?;
     let mux = mux_of(tls.get_ref().1.alpn_protocol(), addr)?;
-    Ok(mux.start(tls, Role::Agent, peer, cfg))
+    let on_slow_link = unsent_bound_follows_pace(tls.get_ref().0);
+    Ok(mux.start(tls, Role::Agent, peer, cfg, on_slow_link))
 }
 
 /// The proxy's TLS listener for agent sessions.
@@ -221,7 +239,8 @@ impl TlsHandshaker {
                 source,
             })?;
         let mux = mux_of(tls.get_ref().1.alpn_protocol(), &peer.to_string())?;
-        Ok(mux.start(tls, Role::Proxy, peer, cfg))
+        let on_slow_link = unsent_bound_follows_pace(tls.get_ref().0);
+        Ok(mux.start(tls, Role::Proxy, peer, cfg, on_slow_link))
     }
 }
 
@@ -230,21 +249,55 @@ fn limit_unsent(tcp: &TcpStream) {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
-        let lowat = UNSENT_LOWAT as libc::c_int;
-        // SAFETY: a valid socket and a c_int option value of the size given.
-        let r = unsafe {
-            libc::setsockopt(
-                tcp.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_NOTSENT_LOWAT,
-                (&lowat as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            tracing::debug!(error = %std::io::Error::last_os_error(), "TCP_NOTSENT_LOWAT not set");
-        }
+        set_unsent_lowat(tcp.as_raw_fd(), UNSENT_LOWAT);
     }
     #[cfg(not(target_os = "linux"))]
     let _ = tcp;
+}
+
+/// A hook for the multiplexer that lowers the socket's unsent bound to
+/// [`SLOW_UNSENT_LOWAT`] while the link is slow, and raises it back to [`UNSENT_LOWAT`].
+///
+/// The hook keeps the socket's descriptor, not the socket: the multiplexer's connection task
+/// owns both the socket (under TLS) and the hook, drops them together, and calls the hook
+/// only while it runs.
+fn unsent_bound_follows_pace(tcp: &TcpStream) -> Option<SlowLinkHook> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let fd = tcp.as_raw_fd();
+        Some(Box::new(move |slow: bool| {
+            let bound = if slow {
+                SLOW_UNSENT_LOWAT
+            } else {
+                UNSENT_LOWAT
+            };
+            tracing::debug!(slow, unsent_bound = bound, "session link pace changed");
+            set_unsent_lowat(fd, bound);
+        }))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = tcp;
+        None
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn set_unsent_lowat(fd: std::os::fd::RawFd, bytes: u32) {
+    let lowat = bytes as libc::c_int;
+    // SAFETY: a socket descriptor its owner keeps open (see the callers) and a c_int option
+    // value of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&lowat as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "TCP_NOTSENT_LOWAT not set");
+    }
 }
