@@ -111,11 +111,12 @@ pub(crate) trait DirectOpen: Send + Sync {
     fn open(self: Arc<Self>) -> Result<StreamInner, SessionError>;
 }
 
-/// Called by a multiplexer when it finds the link under it slow (`true`: a batch of frames
-/// takes long to hand over) or fast again (`false`). The TLS transport keeps less unsent in
-/// the kernel on a slow link ([`tls::SLOW_UNSENT_LOWAT`]), so that what a multiplexer sends
+/// Called by a multiplexer, with the connection `T` under it, when it finds the link slow
+/// (`true`: a batch of frames takes long to hand over) or fast again (`false`). The TLS
+/// transport keeps less unsent in the kernel and in rustls on a slow link
+/// ([`tls::SLOW_UNSENT_LOWAT`], [`tls::SLOW_TLS_BUFFER`]), so that what a multiplexer sends
 /// ahead (tether's urgent frames) waits behind less of what it sent before.
-pub(crate) type SlowLinkHook = Box<dyn FnMut(bool) + Send>;
+pub(crate) type SlowLinkHook<T> = Box<dyn FnMut(&mut T, bool) + Send>;
 
 /// A request from a handle to the driver to open an outbound stream.
 type OpenRequest = oneshot::Sender<Result<StreamInner, SessionError>>;

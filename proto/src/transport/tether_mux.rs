@@ -158,7 +158,7 @@ pub(crate) fn start_with<T>(
     role: Role,
     info: SessionInfo,
     cfg: &SessionConfig,
-    on_slow_link: Option<SlowLinkHook>,
+    on_slow_link: Option<SlowLinkHook<T>>,
 ) -> Session
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -973,7 +973,7 @@ struct Driver<T> {
     /// not fast enough).
     write_blocked: bool,
     /// Told when `slow_link` changes.
-    on_slow_link: Option<SlowLinkHook>,
+    on_slow_link: Option<SlowLinkHook<T>>,
     /// The outbox limit is at most [`SLOW_LINK_OUTBOX`].
     slow_link: bool,
 }
@@ -1403,7 +1403,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         if pace_changed {
             self.slow_link = !self.slow_link;
             if let Some(hook) = &mut self.on_slow_link {
-                hook(self.slow_link);
+                hook(&mut self.io, self.slow_link);
             }
         }
         if empty && self.sending.bytes.capacity() > IDLE_KEEP {
@@ -1858,7 +1858,7 @@ mod tests {
     async fn two_streams<P, A>(
         proxy_io: P,
         agent_io: A,
-        agent_on_slow_link: Option<SlowLinkHook>,
+        agent_on_slow_link: Option<SlowLinkHook<A>>,
     ) -> ((Session, Session), [(MuxStream, MuxStream); 2])
     where
         P: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -2061,7 +2061,7 @@ mod tests {
         let (_sessions, [(mut bulk_rx, mut bulk_tx), (mut small_rx, mut small_tx)]) = two_streams(
             a,
             b,
-            Some(Box::new(move |slow| paces.lock().unwrap().push(slow))),
+            Some(Box::new(move |_, slow| paces.lock().unwrap().push(slow))),
         )
         .await;
 

@@ -19,6 +19,10 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::{Role, Session, SessionConfig, SessionError, SessionInfo, SlowLinkHook};
 
+/// A session's TLS connection on the agent's side, and on the proxy's.
+type ClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+type ServerStream = tokio_rustls::server::TlsStream<TcpStream>;
+
 /// ALPN of tether's own multiplexer ([`super::tether_mux`]).
 pub const TETHER_MUX_ALPN: &[u8] = b"tether/2";
 
@@ -81,7 +85,7 @@ impl Mux {
         role: Role,
         peer: SocketAddr,
         cfg: &SessionConfig,
-        on_slow_link: Option<SlowLinkHook>,
+        on_slow_link: Option<SlowLinkHook<T>>,
     ) -> Session
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
@@ -117,11 +121,19 @@ pub const UNSENT_LOWAT: u32 = 128 * 1024;
 /// fallen to [`super::tether_mux::SLOW_LINK_OUTBOX`]: batches took over 20 ms to hand over,
 /// a link under about 3 MB/s). There the bound's cost in system calls does not matter, and a
 /// small frame sent ahead of queued bulk waits behind 16 KiB of the kernel's instead of
-/// 128 KiB: on a link with 40 ms round trips, 1% loss and TCP on CUBIC, small exchanges
-/// beside a bulk stream went from 0.69–0.83 s to 0.33–0.50 s (p50, `benches/RESULTS.md`,
-/// session 8). Back to [`UNSENT_LOWAT`] when the outbox grows again. The other multiplexers
-/// keep [`UNSENT_LOWAT`].
+/// 128 KiB (and behind one TLS record in rustls, [`SLOW_TLS_BUFFER`], instead of 64 KiB): on
+/// a link with 40 ms round trips, 1% loss and TCP on CUBIC, small exchanges beside a bulk
+/// stream went from 0.69–0.83 s to 0.32–0.35 s (p50, `benches/RESULTS.md`, session 8). Back
+/// to [`UNSENT_LOWAT`] when the outbox grows again. The other multiplexers keep
+/// [`UNSENT_LOWAT`].
 pub const SLOW_UNSENT_LOWAT: u32 = 16 * 1024;
+
+/// Encrypted bytes rustls holds for the socket at most (its own default).
+pub const TLS_BUFFER: usize = 64 * 1024;
+
+/// Encrypted bytes rustls holds for the socket at most while the link is slow (see
+/// [`SLOW_UNSENT_LOWAT`]): one record.
+pub const SLOW_TLS_BUFFER: usize = 16 * 1024 + 256;
 
 /// Dials `addr`, completes TLS 1.3 verifying the server as `server_name`, and starts a session
 /// in the agent role.
@@ -163,8 +175,11 @@ pub async fn connect(
         source,
     })?;
     let mux = mux_of(tls.get_ref().1.alpn_protocol(), addr)?;
-    let on_slow_link = unsent_bound_follows_pace(tls.get_ref().0);
-    Ok(mux.start(tls, Role::Agent, peer, cfg, on_slow_link))
+    let on_slow_link: SlowLinkHook<_> = Box::new(|tls: &mut ClientStream, slow| {
+        let (tcp, conn) = tls.get_mut();
+        follow_pace(tcp, slow, |limit| conn.set_buffer_limit(limit));
+    });
+    Ok(mux.start(tls, Role::Agent, peer, cfg, Some(on_slow_link)))
 }
 
 /// The proxy's TLS listener for agent sessions.
@@ -239,8 +254,11 @@ impl TlsHandshaker {
                 source,
             })?;
         let mux = mux_of(tls.get_ref().1.alpn_protocol(), &peer.to_string())?;
-        let on_slow_link = unsent_bound_follows_pace(tls.get_ref().0);
-        Ok(mux.start(tls, Role::Proxy, peer, cfg, on_slow_link))
+        let on_slow_link: SlowLinkHook<_> = Box::new(|tls: &mut ServerStream, slow| {
+            let (tcp, conn) = tls.get_mut();
+            follow_pace(tcp, slow, |limit| conn.set_buffer_limit(limit));
+        });
+        Ok(mux.start(tls, Role::Proxy, peer, cfg, Some(on_slow_link)))
     }
 }
 
@@ -255,39 +273,37 @@ fn limit_unsent(tcp: &TcpStream) {
     let _ = tcp;
 }
 
-/// A hook for the multiplexer that lowers the socket's unsent bound to
-/// [`SLOW_UNSENT_LOWAT`] while the link is slow, and raises it back to [`UNSENT_LOWAT`].
-///
-/// The hook keeps the socket's descriptor, not the socket: the multiplexer's connection task
-/// owns both the socket (under TLS) and the hook, drops them together, and calls the hook
-/// only while it runs.
-fn unsent_bound_follows_pace(tcp: &TcpStream) -> Option<SlowLinkHook> {
+/// What a session's connection does when its multiplexer finds the link slow, or fast
+/// again: the socket's unsent bound and rustls's buffer (set through `set_tls_buffer`) go to
+/// [`SLOW_UNSENT_LOWAT`] and [`SLOW_TLS_BUFFER`], or back to [`UNSENT_LOWAT`] and
+/// [`TLS_BUFFER`].
+fn follow_pace(tcp: &TcpStream, slow: bool, set_tls_buffer: impl FnOnce(Option<usize>)) {
+    let (unsent, buffer) = if slow {
+        (SLOW_UNSENT_LOWAT, SLOW_TLS_BUFFER)
+    } else {
+        (UNSENT_LOWAT, TLS_BUFFER)
+    };
+    tracing::debug!(
+        slow,
+        unsent_bound = unsent,
+        tls_buffer = buffer,
+        "session link pace changed"
+    );
+    set_tls_buffer(Some(buffer));
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
-        let fd = tcp.as_raw_fd();
-        Some(Box::new(move |slow: bool| {
-            let bound = if slow {
-                SLOW_UNSENT_LOWAT
-            } else {
-                UNSENT_LOWAT
-            };
-            tracing::debug!(slow, unsent_bound = bound, "session link pace changed");
-            set_unsent_lowat(fd, bound);
-        }))
+        set_unsent_lowat(tcp.as_raw_fd(), unsent);
     }
     #[cfg(not(target_os = "linux"))]
-    {
-        let _ = tcp;
-        None
-    }
+    let _ = tcp;
 }
 
 #[cfg(target_os = "linux")]
 fn set_unsent_lowat(fd: std::os::fd::RawFd, bytes: u32) {
     let lowat = bytes as libc::c_int;
-    // SAFETY: a socket descriptor its owner keeps open (see the callers) and a c_int option
-    // value of the size given.
+    // SAFETY: the descriptor of a socket the caller holds, and a c_int option value of the
+    // size given.
     let r = unsafe {
         libc::setsockopt(
             fd,
