@@ -123,7 +123,7 @@ pub const UNSENT_LOWAT: u32 = 128 * 1024;
 /// small frame sent ahead of queued bulk waits behind 16 KiB of the kernel's instead of
 /// 128 KiB (and behind one TLS record in rustls, [`SLOW_TLS_BUFFER`], instead of 64 KiB): on
 /// a link with 40 ms round trips, 1% loss and TCP on CUBIC, small exchanges beside a bulk
-/// stream went from 0.69–0.83 s to 0.32–0.35 s (p50, `benches/RESULTS.md`, session 8). Back
+/// stream went from 0.69–0.83 s to 0.32–0.41 s (p50, `benches/RESULTS.md`, session 8). Back
 /// to [`UNSENT_LOWAT`] when the outbox grows again. The other multiplexers keep
 /// [`UNSENT_LOWAT`].
 pub const SLOW_UNSENT_LOWAT: u32 = 16 * 1024;
@@ -132,8 +132,9 @@ pub const SLOW_UNSENT_LOWAT: u32 = 16 * 1024;
 pub const TLS_BUFFER: usize = 64 * 1024;
 
 /// Encrypted bytes rustls holds for the socket at most while the link is slow (see
-/// [`SLOW_UNSENT_LOWAT`]): one record.
-pub const SLOW_TLS_BUFFER: usize = 16 * 1024 + 256;
+/// [`SLOW_UNSENT_LOWAT`]): one full record (rustls takes as much plaintext as there is room
+/// left, so a limit just above a record's size would add a small second record).
+pub const SLOW_TLS_BUFFER: usize = 16 * 1024;
 
 /// Dials `addr`, completes TLS 1.3 verifying the server as `server_name`, and starts a session
 /// in the agent role.
