@@ -1530,7 +1530,7 @@ mod tests {
             .expect("GOAWAY arrives")
     }
 
-    /// Chunks and copied bodies, written out in pieces of every size, come out whole and in
+    /// Small writes go ahead of queued bulk, and a stream that has bulk queued keeps its
     /// order.
     #[test]
     fn small_frames_go_ahead_of_bulk_and_each_stream_keeps_its_order() {
@@ -1573,6 +1573,8 @@ mod tests {
         assert_eq!(sending.to_vec(), data(0, 3, b"a"));
     }
 
+    /// Chunks and copied bodies, written out in pieces of every size, come out whole and in
+    /// order.
     #[test]
     fn frames_with_chunks_written_in_odd_pieces_keep_their_order() {
         let body = |len: usize, seed: u8| -> Vec<u8> {

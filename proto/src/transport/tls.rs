@@ -155,7 +155,7 @@ pub async fn connect(
             source,
         })?;
     let _ = tcp.set_nodelay(true);
-    limit_unsent(&tcp);
+    set_unsent_lowat(&tcp, UNSENT_LOWAT);
     let peer = tcp.peer_addr().map_err(|source| SessionError::Connect {
         addr: addr.into(),
         source,
@@ -207,7 +207,7 @@ impl TlsListener {
     pub async fn accept(&self) -> std::io::Result<(TcpStream, SocketAddr)> {
         let (tcp, peer) = self.tcp.accept().await?;
         let _ = tcp.set_nodelay(true);
-        limit_unsent(&tcp);
+        set_unsent_lowat(&tcp, UNSENT_LOWAT);
         Ok((tcp, peer))
     }
 
@@ -263,17 +263,6 @@ impl TlsHandshaker {
     }
 }
 
-/// Sets [`UNSENT_LOWAT`] on a session's socket (Linux; elsewhere the kernel's default stays).
-fn limit_unsent(tcp: &TcpStream) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        set_unsent_lowat(tcp.as_raw_fd(), UNSENT_LOWAT);
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = tcp;
-}
-
 /// What a session's connection does when its multiplexer finds the link slow, or fast
 /// again: the socket's unsent bound and rustls's buffer (set through `set_tls_buffer`) go to
 /// [`SLOW_UNSENT_LOWAT`] and [`SLOW_TLS_BUFFER`], or back to [`UNSENT_LOWAT`] and
@@ -291,23 +280,20 @@ fn follow_pace(tcp: &TcpStream, slow: bool, set_tls_buffer: impl FnOnce(Option<u
         "session link pace changed"
     );
     set_tls_buffer(Some(buffer));
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        set_unsent_lowat(tcp.as_raw_fd(), unsent);
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = tcp;
+    set_unsent_lowat(tcp, unsent);
 }
 
+/// Sets `TCP_NOTSENT_LOWAT` on a session's socket (Linux; elsewhere the kernel's default
+/// stays).
 #[cfg(target_os = "linux")]
-fn set_unsent_lowat(fd: std::os::fd::RawFd, bytes: u32) {
+fn set_unsent_lowat(tcp: &TcpStream, bytes: u32) {
+    use std::os::fd::AsRawFd;
     let lowat = bytes as libc::c_int;
-    // SAFETY: the descriptor of a socket the caller holds, and a c_int option value of the
-    // size given.
+    // SAFETY: the descriptor of a socket borrowed for the call, and a c_int option value of
+    // the size given.
     let r = unsafe {
         libc::setsockopt(
-            fd,
+            tcp.as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_NOTSENT_LOWAT,
             (&lowat as *const libc::c_int).cast(),
@@ -318,3 +304,6 @@ fn set_unsent_lowat(fd: std::os::fd::RawFd, bytes: u32) {
         tracing::debug!(error = %std::io::Error::last_os_error(), "TCP_NOTSENT_LOWAT not set");
     }
 }
+
+#[cfg(not(target_os = "linux"))]
+fn set_unsent_lowat(_: &TcpStream, _: u32) {}
