@@ -53,8 +53,10 @@
 //! of all streams of a session together is bounded by [`WINDOW_GROWTH_BUDGET`]. The outbox is
 //! bounded: a writer that finds it full waits for the connection task to drain it. The bound
 //! is [`OUTBOX_LIMIT`] while the connection takes a full outbox within [`QUICK_DRAIN`], and
-//! halves, down to [`MIN_OUTBOX`], each time one takes longer than [`SLOW_DRAIN`] (doubling
-//! back when draining is quick again): on a slow or lossy link a small message, which goes
+//! halves, down to [`MIN_OUTBOX`], each time one takes longer than [`SLOW_DRAIN`] with the
+//! connection pushing back (doubling back when draining is quick again; a batch that was
+//! slow only because the driver's thread was busy does not count): on a slow or lossy link a
+//! small message, which goes
 //! ahead of queued bulk in the urgent lane, then waits for at most the small batch being
 //! sent, not half a megabyte at the link's rate. Idle sessions give their read and write
 //! buffers back.
@@ -94,8 +96,9 @@ pub const WINDOW_GROWTH_BUDGET: i64 = 64 * 1024 * 1024;
 pub const OUTBOX_LIMIT: usize = 512 * 1024;
 /// The least the outbox limit falls to on a connection that drains slowly.
 pub const MIN_OUTBOX: usize = 16 * 1024;
-/// A batch of frames that takes longer than this to hand to the connection halves the
-/// outbox limit (at 512 KiB, a link slower than 25 MB/s; at 16 KiB, 0.8 MB/s).
+/// A batch of frames that takes longer than this to hand to the connection, which made the
+/// driver wait for it, halves the outbox limit (at 512 KiB, a link slower than 25 MB/s; at
+/// 16 KiB, 0.8 MB/s).
 pub const SLOW_DRAIN: Duration = Duration::from_millis(20);
 /// Outbox room kept after a take for each writer that had found it full before queuing
 /// anything (see [`Outbox::reserved`]).
@@ -249,11 +252,31 @@ impl DirectOpen for Conn {
     }
 }
 
-/// The outbox limit after a batch of `bytes` took `took` to hand to the connection, from
-/// `limit`. Only a batch of at least half the limit counts as slow (a few frames can wait
-/// for a moment without the link being slow); any quick one counts as quick.
-fn next_outbox_limit(limit: usize, bytes: usize, took: Duration) -> usize {
-    if took > SLOW_DRAIN && bytes >= limit / 2 {
+/// How the connection took a batch of frames: what [`next_outbox_limit`] goes by.
+#[derive(Debug, Clone, Copy)]
+struct Handover {
+    /// Bytes in the batch.
+    bytes: usize,
+    /// From the take to the last byte handed over.
+    took: Duration,
+    /// The connection made the driver wait (a write or flush was pending) at least once: the
+    /// link, not the host, set the pace. A batch that took long with no wait only says the
+    /// driver's thread was busy or descheduled (a saturated host), which a smaller outbox
+    /// would not help.
+    pushed_back: bool,
+}
+
+/// The outbox limit after a batch was handed to the connection, from `limit`. Only a batch
+/// of at least half the limit that the connection pushed back on counts as slow (a few frames
+/// can wait for a moment without the link being slow, and a driver kept off the CPU is not a
+/// slow link); any quick one counts as quick.
+fn next_outbox_limit(limit: usize, batch: Handover) -> usize {
+    let Handover {
+        bytes,
+        took,
+        pushed_back,
+    } = batch;
+    if took > SLOW_DRAIN && bytes >= limit / 2 && pushed_back {
         (limit / 2).max(MIN_OUTBOX)
     } else if took < QUICK_DRAIN && bytes >= limit / 2 {
         (limit * 2).min(OUTBOX_LIMIT)
@@ -962,9 +985,10 @@ struct Driver<T> {
     rbuf: BytesMut,
     /// Frames being written.
     sending: Frames,
-    /// When the frames being written were taken from the outbox, and how many bytes they
-    /// were: how long the connection takes them sets the outbox limit.
-    batch: Option<(Instant, usize)>,
+    /// The frames being written: when they were taken from the outbox, how many bytes they
+    /// were, and whether the connection has made the driver wait for them. How the connection
+    /// takes them sets the outbox limit.
+    batch: Option<Batch>,
     /// Bytes handed to TLS since the last flush.
     need_flush: bool,
     /// The driver has just yielded ([`Step::Yield`]): take the outbox now.
@@ -976,6 +1000,13 @@ struct Driver<T> {
     on_slow_link: Option<SlowLinkHook<T>>,
     /// The outbox limit is at most [`SLOW_LINK_OUTBOX`].
     slow_link: bool,
+}
+
+/// A batch of frames being handed to the connection (see [`Handover`]).
+struct Batch {
+    since: Instant,
+    bytes: usize,
+    pushed_back: bool,
 }
 
 /// What the driver does next.
@@ -1343,7 +1374,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
                 }
                 Poll::Ready(Err(e)) => return Err(e.into()),
                 Poll::Pending => {
-                    self.write_blocked = true;
+                    self.pushed_back();
                     break;
                 }
             }
@@ -1352,10 +1383,18 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
             match Pin::new(&mut self.io).poll_flush(cx) {
                 Poll::Ready(Ok(())) => self.need_flush = false,
                 Poll::Ready(Err(e)) => return Err(e.into()),
-                Poll::Pending => self.write_blocked = true,
+                Poll::Pending => self.pushed_back(),
             }
         }
         Ok(defer)
+    }
+
+    /// The connection did not take what the driver wrote (or flushed) for now.
+    fn pushed_back(&mut self) {
+        self.write_blocked = true;
+        if let Some(batch) = &mut self.batch {
+            batch.pushed_back = true;
+        }
     }
 
     /// Swaps the outbox's frames in for sending, forgets dropped streams and wakes writers
@@ -1369,13 +1408,22 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
             return Refill::Defer;
         }
         // The batch just sent is done: how long it took says how fast the connection drains.
-        if let Some((since, bytes)) = self.batch.take() {
-            out.limit = next_outbox_limit(out.limit, bytes, since.elapsed());
+        if let Some(batch) = self.batch.take() {
+            let handover = Handover {
+                bytes: batch.bytes,
+                took: batch.since.elapsed(),
+                pushed_back: batch.pushed_back,
+            };
+            out.limit = next_outbox_limit(out.limit, handover);
         }
         let pace_changed = (out.limit <= SLOW_LINK_OUTBOX) != self.slow_link;
         out.take_frames(&mut self.sending);
         if !self.sending.is_empty() {
-            self.batch = Some((Instant::now(), self.sending.len()));
+            self.batch = Some(Batch {
+                since: Instant::now(),
+                bytes: self.sending.len(),
+                pushed_back: false,
+            });
         }
         for s in out.opened.drain(..) {
             self.streams.insert(s.id, s);
@@ -1965,28 +2013,127 @@ mod tests {
 
     #[test]
     fn the_outbox_shrinks_while_batches_drain_slowly_and_grows_back() {
+        let batch = |bytes, took, pushed_back| Handover {
+            bytes,
+            took,
+            pushed_back,
+        };
         let slow = SLOW_DRAIN + Duration::from_millis(1);
         let quick = Duration::ZERO;
         let mut limit = OUTBOX_LIMIT;
         let mut seen = vec![limit];
         while limit > MIN_OUTBOX {
-            limit = next_outbox_limit(limit, limit, slow);
+            limit = next_outbox_limit(limit, batch(limit, slow, true));
             seen.push(limit);
         }
         assert_eq!(seen, [512, 256, 128, 64, 32, 16].map(|k| k * 1024));
-        assert_eq!(next_outbox_limit(limit, limit, slow), MIN_OUTBOX);
-        // A few frames that waited a while say nothing about the link.
-        assert_eq!(next_outbox_limit(OUTBOX_LIMIT, 1024, slow), OUTBOX_LIMIT);
-        // Neither slow nor quick: unchanged.
         assert_eq!(
-            next_outbox_limit(128 * 1024, 128 * 1024, Duration::from_millis(10)),
+            next_outbox_limit(limit, batch(limit, slow, true)),
+            MIN_OUTBOX
+        );
+        // A few frames that waited a while say nothing about the link.
+        assert_eq!(
+            next_outbox_limit(OUTBOX_LIMIT, batch(1024, slow, true)),
+            OUTBOX_LIMIT
+        );
+        // Nor does a batch the connection took without ever making the driver wait: the
+        // driver was kept off the CPU, the link was not slow.
+        assert_eq!(
+            next_outbox_limit(OUTBOX_LIMIT, batch(OUTBOX_LIMIT, slow, false)),
+            OUTBOX_LIMIT
+        );
+        // Neither slow nor quick: unchanged.
+        let middling = Duration::from_millis(10);
+        assert_eq!(
+            next_outbox_limit(128 * 1024, batch(128 * 1024, middling, true)),
             128 * 1024
         );
         while limit < OUTBOX_LIMIT {
-            limit = next_outbox_limit(limit, limit, quick);
+            limit = next_outbox_limit(limit, batch(limit, quick, true));
         }
         assert_eq!(limit, OUTBOX_LIMIT);
-        assert_eq!(next_outbox_limit(limit, limit, quick), OUTBOX_LIMIT);
+        assert_eq!(
+            next_outbox_limit(limit, batch(limit, quick, false)),
+            OUTBOX_LIMIT
+        );
+    }
+
+    /// A connection that takes everything at once but keeps the caller's thread for `stall`
+    /// on every write: a driver on a saturated host, whose batches take long although the
+    /// link has room.
+    struct Stalling<T> {
+        io: T,
+        stall: Duration,
+    }
+
+    impl<T: AsyncRead + Unpin> AsyncRead for Stalling<T> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl<T: AsyncWrite + Unpin> AsyncWrite for Stalling<T> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            std::thread::sleep(self.stall);
+            Pin::new(&mut self.io).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// Batches that take long only because the driver's thread is kept busy are not a slow
+    /// link: the outbox keeps its size and the session does not lower the socket's bounds
+    /// (which would cost bulk on a fast link until a quick batch raised them again).
+    #[tokio::test]
+    async fn a_busy_host_is_not_taken_for_a_slow_link() {
+        // A pipe with room for everything, written by a driver that stalls on every write.
+        const BULK: u64 = 8 << 20;
+        let (a, b) = tokio::io::duplex(2 * BULK as usize);
+        let b = Stalling {
+            io: b,
+            stall: SLOW_DRAIN + Duration::from_millis(5),
+        };
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let paces = told.clone();
+        let (_sessions, [(mut bulk_rx, mut bulk_tx), _]) = two_streams(
+            a,
+            b,
+            Some(Box::new(move |_, slow| paces.lock().unwrap().push(slow))),
+        )
+        .await;
+        let flood = tokio::spawn(async move {
+            let chunk = Bytes::from(vec![7u8; MAX_FRAME]);
+            for _ in 0..BULK / MAX_FRAME as u64 {
+                bulk_tx.write_all(&chunk).await.unwrap();
+            }
+            bulk_tx.shutdown().await.unwrap();
+        });
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut arrived = 0u64;
+        loop {
+            match bulk_rx.read(&mut buf).await.unwrap() {
+                0 => break,
+                n => arrived += n as u64,
+            }
+        }
+        flood.await.unwrap();
+        assert_eq!(arrived, BULK, "the flood arrived whole");
+        let told = told.lock().unwrap().clone();
+        assert!(told.is_empty(), "the session reported paces {told:?}");
     }
 
     /// A connection that takes `per_tick` bytes every `tick`: a slow link.
