@@ -2058,43 +2058,6 @@ mod tests {
         );
     }
 
-    /// A connection that takes everything at once but keeps the caller's thread for `stall`
-    /// on every write: a driver on a saturated host, whose batches take long although the
-    /// link has room.
-    struct Stalling<T> {
-        io: T,
-        stall: Duration,
-    }
-
-    impl<T: AsyncRead + Unpin> AsyncRead for Stalling<T> {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.io).poll_read(cx, buf)
-        }
-    }
-
-    impl<T: AsyncWrite + Unpin> AsyncWrite for Stalling<T> {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            std::thread::sleep(self.stall);
-            Pin::new(&mut self.io).poll_write(cx, buf)
-        }
-
-        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.io).poll_flush(cx)
-        }
-
-        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.io).poll_shutdown(cx)
-        }
-    }
-
     /// Batches that take long only because the driver's thread is kept busy are not a slow
     /// link: the outbox keeps its size and the session does not lower the socket's bounds
     /// (which would cost bulk on a fast link until a quick batch raised them again).
@@ -2103,10 +2066,7 @@ mod tests {
         // A pipe with room for everything, written by a driver that stalls on every write.
         const BULK: u64 = 8 << 20;
         let (a, b) = tokio::io::duplex(2 * BULK as usize);
-        let b = Stalling {
-            io: b,
-            stall: SLOW_DRAIN + Duration::from_millis(5),
-        };
+        let b = Link::stalling(b, SLOW_DRAIN + Duration::from_millis(5));
         let told = Arc::new(Mutex::new(Vec::new()));
         let paces = told.clone();
         let (_sessions, [(mut bulk_rx, mut bulk_tx), _]) = two_streams(
@@ -2136,28 +2096,45 @@ mod tests {
         assert!(told.is_empty(), "the session reported paces {told:?}");
     }
 
-    /// A connection that takes `per_tick` bytes every `tick`: a slow link.
-    struct Throttled<T> {
+    /// A connection whose writes go through a test's idea of the link (reads pass through).
+    struct Link<T> {
         io: T,
-        per_tick: usize,
-        tick: Duration,
-        allowance: usize,
-        next: Pin<Box<tokio::time::Sleep>>,
+        pace: Pace,
     }
 
-    impl<T> Throttled<T> {
-        fn new(io: T, per_tick: usize, tick: Duration) -> Self {
-            Throttled {
-                io,
+    /// How a [`Link`] takes writes.
+    enum Pace {
+        /// `per_tick` bytes every `tick`, making the writer wait for the next tick: a slow link.
+        Throttled {
+            per_tick: usize,
+            tick: Duration,
+            allowance: usize,
+            next: Pin<Box<tokio::time::Sleep>>,
+        },
+        /// Everything at once, but each write keeps the writer's thread for this long: a
+        /// writer on a busy host, whose batches take long although the link has room.
+        Stalling(Duration),
+    }
+
+    impl<T> Link<T> {
+        fn throttled(io: T, per_tick: usize, tick: Duration) -> Self {
+            let next = Box::pin(tokio::time::sleep(tick));
+            let pace = Pace::Throttled {
                 per_tick,
                 tick,
                 allowance: per_tick,
-                next: Box::pin(tokio::time::sleep(tick)),
-            }
+                next,
+            };
+            Link { io, pace }
+        }
+
+        fn stalling(io: T, stall: Duration) -> Self {
+            let pace = Pace::Stalling(stall);
+            Link { io, pace }
         }
     }
 
-    impl<T: AsyncRead + Unpin> AsyncRead for Throttled<T> {
+    impl<T: AsyncRead + Unpin> AsyncRead for Link<T> {
         fn poll_read(
             mut self: Pin<&mut Self>,
             cx: &mut Context<'_>,
@@ -2167,22 +2144,35 @@ mod tests {
         }
     }
 
-    impl<T: AsyncWrite + Unpin> AsyncWrite for Throttled<T> {
+    impl<T: AsyncWrite + Unpin> AsyncWrite for Link<T> {
         fn poll_write(
             mut self: Pin<&mut Self>,
             cx: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<io::Result<usize>> {
-            if self.allowance == 0 {
-                ready!(self.next.as_mut().poll(cx));
-                let at = tokio::time::Instant::now() + self.tick;
-                self.next.as_mut().reset(at);
-                self.allowance = self.per_tick;
+            let this = &mut *self;
+            match &mut this.pace {
+                Pace::Throttled {
+                    per_tick,
+                    tick,
+                    allowance,
+                    next,
+                } => {
+                    if *allowance == 0 {
+                        ready!(next.as_mut().poll(cx));
+                        next.as_mut().reset(tokio::time::Instant::now() + *tick);
+                        *allowance = *per_tick;
+                    }
+                    let n = buf.len().min(*allowance);
+                    let written = ready!(Pin::new(&mut this.io).poll_write(cx, &buf[..n]))?;
+                    *allowance -= written;
+                    Poll::Ready(Ok(written))
+                }
+                Pace::Stalling(stall) => {
+                    std::thread::sleep(*stall);
+                    Pin::new(&mut this.io).poll_write(cx, buf)
+                }
             }
-            let n = buf.len().min(self.allowance);
-            let written = ready!(Pin::new(&mut self.io).poll_write(cx, &buf[..n]))?;
-            self.allowance -= written;
-            Poll::Ready(Ok(written))
         }
 
         fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -2203,7 +2193,7 @@ mod tests {
         use std::sync::atomic::AtomicU64;
         // 4 KiB per 2 ms, about 2 MB/s, from the agent's side.
         let (a, b) = tokio::io::duplex(8 * 1024);
-        let b = Throttled::new(b, 4 * 1024, Duration::from_millis(2));
+        let b = Link::throttled(b, 4 * 1024, Duration::from_millis(2));
         // What the agent's session says of the link's pace, in order.
         let told = Arc::new(Mutex::new(Vec::new()));
         let paces = told.clone();
