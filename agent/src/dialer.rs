@@ -361,7 +361,7 @@ async fn attempt(
                     last_heard = Instant::now();
                     match m.message {
                         Some(control_message::Message::Ping(p)) => {
-                            if write_message(&mut wr, &ControlMessage::pong(p.nonce)).await.is_err() {
+                            if write_message(&mut wr, &ControlMessage::pong(p.nonce, handle.link_is_slow())).await.is_err() {
                                 break End::Lost("control stream write failed".into());
                             }
                         }

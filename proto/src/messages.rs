@@ -57,9 +57,11 @@ impl ControlMessage {
         }
     }
 
-    pub fn pong(nonce: u64) -> Self {
+    /// The answer to `Ping` `nonce`, saying whether the sender's side of the session finds
+    /// the link slow ([`SessionHandle::link_is_slow`](crate::transport::SessionHandle::link_is_slow)).
+    pub fn pong(nonce: u64, link_slow: bool) -> Self {
         ControlMessage {
-            message: Some(control_message::Message::Pong(Pong { nonce })),
+            message: Some(control_message::Message::Pong(Pong { nonce, link_slow })),
         }
     }
 

@@ -187,6 +187,7 @@ pub async fn run_session(mut session: Session, gate: AgentGate) {
         handle: session.handle.clone(),
         connected_at: SystemTime::now(),
         rtt_micros: AtomicU64::new(0),
+        agent_finds_link_slow: AtomicBool::new(false),
         bytes_to_agent: AtomicU64::new(0),
         bytes_from_agent: AtomicU64::new(0),
         draining: AtomicBool::new(false),
@@ -334,6 +335,7 @@ async fn control_loop(control: MuxStream, agent: &Arc<AgentSession>, gate: &Agen
                     last_heard = Instant::now();
                     match m.message {
                         Some(control_message::Message::Pong(p)) => {
+                            agent.agent_finds_link_slow.store(p.link_slow, Ordering::Relaxed);
                             if let Some((n, at)) = sent {
                                 if n == p.nonce {
                                     let micros = at.elapsed().as_micros() as u64;
@@ -343,7 +345,8 @@ async fn control_loop(control: MuxStream, agent: &Arc<AgentSession>, gate: &Agen
                             }
                         }
                         Some(control_message::Message::Ping(p)) => {
-                            let answered = write_message(&mut wr, &ControlMessage::pong(p.nonce)).await;
+                            let pong = ControlMessage::pong(p.nonce, agent.handle.link_is_slow());
+                            let answered = write_message(&mut wr, &pong).await;
                             if answered.is_err() {
                                 break "control stream write failed".into();
                             }

@@ -188,10 +188,18 @@ fn agent_step(registry: &SessionRegistry, cluster: &str, name: &str) -> Step {
             } else {
                 format!("{:.1} ms", c.rtt_micros as f64 / 1000.0)
             };
+            // Not a failure: the tunnel works, and keeps its queues short for such a link.
+            let slow = if c.slow_link {
+                "; the link is slow (frames wait over 20 ms a batch to leave: under about \
+                 3 MB/s, or lossy; with TCP on CUBIC consider BBR or quic://)"
+            } else {
+                ""
+            };
             passed(
                 name,
                 format!(
-                    "{} agent{} connected since {}, transport {transports}, heartbeat RTT {rtt}",
+                    "{} agent{} connected since {}, transport {transports}, heartbeat RTT \
+                     {rtt}{slow}",
                     c.agents,
                     if c.agents == 1 { "" } else { "s" },
                     c.connected_since.as_deref().unwrap_or("-"),

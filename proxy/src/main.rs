@@ -569,8 +569,8 @@ fn clusters(admin_addr: &str, json: bool) -> Result<()> {
     let list: Vec<serde_json::Value> =
         serde_json::from_str(body).context("parsing /api/v1/clusters")?;
     println!(
-        "{:<24} {:>6} {:<10} {:<26} {:>9} {:>8} {:>12} {:>12}",
-        "NAME", "AGENTS", "TRANSPORT", "SINCE", "RTT", "STREAMS", "BYTES-IN", "BYTES-OUT"
+        "{:<24} {:>6} {:<10} {:<26} {:>9} {:<5} {:>8} {:>12} {:>12}",
+        "NAME", "AGENTS", "TRANSPORT", "SINCE", "RTT", "LINK", "STREAMS", "BYTES-IN", "BYTES-OUT"
     );
     for c in list {
         let connected = c["connected"].as_bool().unwrap_or(false);
@@ -583,8 +583,14 @@ fn clusters(admin_addr: &str, json: bool) -> Result<()> {
             .as_array()
             .map(|a| a.iter().filter_map(|t| t.as_str()).collect())
             .unwrap_or_default();
+        // Only a session that measures its link says it is slow; "-" is not a verdict.
+        let link = if c["slowLink"].as_bool().unwrap_or(false) {
+            "slow"
+        } else {
+            "-"
+        };
         println!(
-            "{:<24} {:>6} {:<10} {:<26} {:>7}µs {:>8} {:>12} {:>12}",
+            "{:<24} {:>6} {:<10} {:<26} {:>7}µs {:<5} {:>8} {:>12} {:>12}",
             c["name"].as_str().unwrap_or("?"),
             c["agents"].as_u64().unwrap_or(0),
             if transports.is_empty() {
@@ -594,6 +600,7 @@ fn clusters(admin_addr: &str, json: bool) -> Result<()> {
             },
             since,
             c["rttMicros"].as_u64().unwrap_or(0),
+            link,
             c["openStreams"].as_u64().unwrap_or(0),
             c["bytesIn"].as_u64().unwrap_or(0),
             c["bytesOut"].as_u64().unwrap_or(0),

@@ -35,6 +35,9 @@ pub struct AgentSession {
     pub connected_at: SystemTime,
     /// Last heartbeat round trip, microseconds (0 until measured).
     pub rtt_micros: AtomicU64,
+    /// The agent's side of the session finds the link slow, as its last `Pong` said (the
+    /// proxy's side tells [`SessionHandle::link_is_slow`]; each measures what it sends).
+    pub agent_finds_link_slow: AtomicBool,
     /// Bytes sent to the agent on data streams.
     pub bytes_to_agent: AtomicU64,
     /// Bytes received from the agent on data streams.
@@ -46,6 +49,11 @@ pub struct AgentSession {
 }
 
 impl AgentSession {
+    /// Either side of the session finds the link slow.
+    pub fn link_is_slow(&self) -> bool {
+        self.handle.link_is_slow() || self.agent_finds_link_slow.load(Ordering::Relaxed)
+    }
+
     /// Data streams open now (the session's streams less its control stream).
     pub fn data_streams(&self) -> usize {
         self.handle.open_streams().saturating_sub(1)
@@ -72,6 +80,8 @@ pub struct ClusterStatus {
     pub connected_since: Option<String>,
     pub disconnected_since: Option<String>,
     pub rtt_micros: u64,
+    /// Some agent's session finds its link slow ([`AgentStatus::slow_link`]).
+    pub slow_link: bool,
     pub open_streams: usize,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -91,6 +101,9 @@ pub struct AgentStatus {
     pub peer: String,
     pub connected_since: String,
     pub rtt_micros: u64,
+    /// Either side of the session finds the link slow, in the direction it sends, and keeps
+    /// less queued ([`AgentSession::link_is_slow`]; `tls+tether` sessions only).
+    pub slow_link: bool,
     pub open_streams: usize,
     pub draining: bool,
     /// The proxy event loop (shard) the session runs on.
@@ -571,6 +584,7 @@ impl SessionRegistry {
                         .map(|a| a.rtt_micros.load(Ordering::Relaxed))
                         .min()
                         .unwrap_or(0),
+                    slow_link: agents.iter().any(|a| a.link_is_slow()),
                     open_streams: agents.iter().map(|a| a.data_streams()).sum(),
                     bytes_in: agents
                         .iter()
@@ -592,6 +606,7 @@ impl SessionRegistry {
                             peer: a.handle.info().peer.to_string(),
                             connected_since: fmt(a.connected_at),
                             rtt_micros: a.rtt_micros.load(Ordering::Relaxed),
+                            slow_link: a.link_is_slow(),
                             open_streams: a.data_streams(),
                             draining: a.draining.load(Ordering::Relaxed),
                             event_loop: a.shard,

@@ -203,6 +203,18 @@ async fn every_transport_over_a_lossy_link_bulk_and_request_response_at_once() {
         let least = if r.tcp == "cubic" { 5 } else { 10 };
         assert!(r.round_trips.len() >= least, "{report}");
     }
+    // At 0.4–0.5 MiB/s, tether's multiplexer on the agent's side finds the link slow (its
+    // outbox shrinks within about two seconds), says so in its heartbeat answers, and the
+    // proxy's status shows it.
+    let tether_cubic = rows
+        .iter()
+        .find(|r| r.transport == Transport::Tls.session_name() && r.tcp == "cubic")
+        .expect("the tls+tether CUBIC row");
+    assert!(
+        tether_cubic.slow_link.iter().any(|&s| s),
+        "the proxy never showed the slow link: {:?}\n{report}",
+        tether_cubic.slow_link
+    );
 }
 
 /// A userspace link between two network namespaces, and a proxy and an agent on each side.
@@ -457,6 +469,8 @@ mod lossy {
         pub tcp: &'static str,
         pub bulk_bytes: usize,
         pub round_trips: Vec<Duration>,
+        /// The proxy's `slowLink` for the cluster, sampled once a second.
+        pub slow_link: Vec<bool>,
     }
 
     /// The rows as a Markdown table.
@@ -464,8 +478,8 @@ mod lossy {
         let mut out = format!(
             "Lossy link: {} ms each way, {:.0}% loss each way (userspace netem), {} s with a \
              bulk stream and a 64-byte request/response stream at once\n\n\
-             | transport | TCP | bulk MiB/s | round trips | p50 ms | p99 ms | max ms |\n\
-             |---|---|---|---|---|---|---|\n",
+             | transport | TCP | bulk MiB/s | round trips | p50 ms | p99 ms | max ms | slow link |\n\
+             |---|---|---|---|---|---|---|---|\n",
             DELAY.as_millis(),
             LOSS * 100.0,
             WINDOW.as_secs()
@@ -479,7 +493,7 @@ mod lossy {
                     .unwrap_or(f64::NAN)
             };
             out.push_str(&format!(
-                "| {} | {} | {:.2} | {} | {:.1} | {:.1} | {:.1} |\n",
+                "| {} | {} | {:.2} | {} | {:.1} | {:.1} | {:.1} | {} of {} |\n",
                 r.transport,
                 r.tcp,
                 r.bulk_bytes as f64 / WINDOW.as_secs_f64() / (1 << 20) as f64,
@@ -489,6 +503,8 @@ mod lossy {
                 lat.last()
                     .map(|d| d.as_secs_f64() * 1e3)
                     .unwrap_or(f64::NAN),
+                r.slow_link.iter().filter(|&&s| s).count(),
+                r.slow_link.len(),
             ));
         }
         out
@@ -597,6 +613,9 @@ mod lossy {
                 "--publish-address",
                 &format!("tls://{PROXY_IP}:{AGENT_PORT}"),
             ])
+            // Heartbeat answers carry the agent's view of the link (`slowLink`): often
+            // enough to sample it within the window, rarely enough not to load the link.
+            .args(["--heartbeat-interval", "2s"])
             .args(&cc_args);
         let proxy = Process::spawn(&mut cmd, log("proxy.log"));
         let start = Instant::now();
@@ -697,7 +716,27 @@ mod lossy {
             }
             round_trips
         };
-        let (bulk_bytes, round_trips) = tokio::join!(bulk_side, rr_side);
+        // What the proxy's status says of the link, once a second.
+        let status_side = async {
+            let mut seen = Vec::new();
+            while tokio::time::Instant::now() + Duration::from_secs(1) < deadline {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let ns = link.proxy_ns.clone();
+                let got = tokio::task::spawn_blocking(move || admin_get(&ns, "/api/v1/clusters"))
+                    .await
+                    .expect("status sampler");
+                if let Some((200, body)) = got {
+                    let clusters: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+                    let slow = clusters
+                        .as_array()
+                        .and_then(|c| c.iter().find(|c| c["name"] == "a"))
+                        .map(|a| a["slowLink"] == true);
+                    seen.extend(slow);
+                }
+            }
+            seen
+        };
+        let (bulk_bytes, round_trips, slow_link) = tokio::join!(bulk_side, rr_side, status_side);
         up_task.abort();
         drop((agent, proxy));
         Ok(Row {
@@ -708,6 +747,7 @@ mod lossy {
             tcp,
             bulk_bytes,
             round_trips,
+            slow_link,
         })
     }
 }

@@ -52,6 +52,9 @@ async fn connect_routes_each_cluster_to_its_own_agent_with_tls_end_to_end(t: Tra
     );
     assert_eq!(a["transports"][0], t.session_name());
     assert_eq!(a["agentDetails"][0]["transport"], t.session_name());
+    // Loopback is no slow link, whatever the transport.
+    assert_eq!(a["slowLink"], false, "{a}");
+    assert_eq!(a["agentDetails"][0]["slowLink"], false, "{a}");
     let metrics = proxy.metrics();
     let connected = format!(
         "tether_agents_connected{{cluster=\"a\",transport=\"{}\"}} 1",

@@ -30,6 +30,7 @@ mod yamux;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -104,6 +105,8 @@ struct Shared {
     /// Set by a transport that opens streams from the caller's task, without a round trip to
     /// its driver task.
     direct: Option<Arc<dyn DirectOpen>>,
+    /// The multiplexer finds the link slow (see [`SessionHandle::link_is_slow`]).
+    slow_link: Arc<AtomicBool>,
 }
 
 /// A transport that opens an outbound stream at once, in the caller's task.
@@ -187,6 +190,15 @@ impl SessionHandle {
 
     pub fn info(&self) -> &SessionInfo {
         &self.shared.info
+    }
+
+    /// Whether the session's multiplexer finds its link slow right now: batches of frames
+    /// take over 20 ms to leave while the connection pushes back (a link under about 3 MB/s,
+    /// or a lossy one). Sessions on such a link keep less queued ahead of small messages
+    /// (see [`tls::SLOW_UNSENT_LOWAT`]). Only tether's multiplexer (`tls+tether`) tells; on
+    /// other transports this is always false.
+    pub fn link_is_slow(&self) -> bool {
+        self.shared.slow_link.load(Ordering::Relaxed)
     }
 }
 
@@ -368,6 +380,8 @@ struct DriverParts {
     handler: Arc<HandlerSlot>,
     limit: Arc<Semaphore>,
     closed: CancellationToken,
+    /// What [`SessionHandle::link_is_slow`] reads; the driver sets it.
+    slow_link: Arc<AtomicBool>,
 }
 
 impl DriverParts {
@@ -415,12 +429,14 @@ fn session_parts_with(
     // Every accepted stream holds a permit, so the queue never needs to exceed the limit.
     let (incoming_tx, incoming_rx) = mpsc::channel(cfg.max_streams.max(1));
     let handler = Arc::new(HandlerSlot::default());
+    let slow_link = Arc::new(AtomicBool::new(false));
     let shared = Arc::new(Shared {
         info,
         limit: limit.clone(),
         max_streams: cfg.max_streams,
         closed: closed.clone(),
         direct,
+        slow_link: slow_link.clone(),
     });
     let session = Session {
         handle: SessionHandle {
@@ -438,6 +454,7 @@ fn session_parts_with(
         handler,
         limit,
         closed,
+        slow_link,
     };
     (session, parts)
 }

@@ -1450,6 +1450,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         drop(out);
         if pace_changed {
             self.slow_link = !self.slow_link;
+            self.parts
+                .slow_link
+                .store(self.slow_link, Ordering::Relaxed);
             if let Some(hook) = &mut self.on_slow_link {
                 hook(&mut self.io, self.slow_link);
             }
@@ -2069,7 +2072,7 @@ mod tests {
         let b = Link::stalling(b, SLOW_DRAIN + Duration::from_millis(5));
         let told = Arc::new(Mutex::new(Vec::new()));
         let paces = told.clone();
-        let (_sessions, [(mut bulk_rx, mut bulk_tx), _]) = two_streams(
+        let (sessions, [(mut bulk_rx, mut bulk_tx), _]) = two_streams(
             a,
             b,
             Some(Box::new(move |_, slow| paces.lock().unwrap().push(slow))),
@@ -2094,6 +2097,7 @@ mod tests {
         assert_eq!(arrived, BULK, "the flood arrived whole");
         let told = told.lock().unwrap().clone();
         assert!(told.is_empty(), "the session reported paces {told:?}");
+        assert!(!sessions.1.handle.link_is_slow());
     }
 
     /// A connection whose writes go through a test's idea of the link (reads pass through).
@@ -2197,7 +2201,7 @@ mod tests {
         // What the agent's session says of the link's pace, in order.
         let told = Arc::new(Mutex::new(Vec::new()));
         let paces = told.clone();
-        let (_sessions, [(mut bulk_rx, mut bulk_tx), (mut small_rx, mut small_tx)]) = two_streams(
+        let (sessions, [(mut bulk_rx, mut bulk_tx), (mut small_rx, mut small_tx)]) = two_streams(
             a,
             b,
             Some(Box::new(move |_, slow| paces.lock().unwrap().push(slow))),
@@ -2253,6 +2257,11 @@ mod tests {
         let told = told.lock().unwrap().clone();
         assert_eq!(told.first(), Some(&true), "reports: {told:?}");
         assert!(told.windows(2).all(|w| w[0] != w[1]), "reports: {told:?}");
+        // The agent's handle says what the session last reported; the proxy's, whose side
+        // sent little, that its link is not slow.
+        let (proxy, agent) = &sessions;
+        assert_eq!(agent.handle.link_is_slow(), told[told.len() - 1]);
+        assert!(!proxy.handle.link_is_slow());
         assert!(
             behind < 96 * 1024,
             "the small message arrived after {behind} bytes of the flood (outbox limit \
