@@ -317,7 +317,15 @@ async fn control_loop(control: MuxStream, agent: &Arc<AgentSession>, gate: &Agen
     let mut nonce = 0u64;
     let mut sent: Option<(u64, Instant)> = None;
     let mut going_away = false;
+    // Whether this session is counted in the slow-link gauge.
+    let mut counted_slow = false;
+    let metrics = gate.registry.metrics();
     let why = loop {
+        let slow = agent.link_is_slow();
+        if slow != counted_slow {
+            metrics.slow_link(&agent.cluster, slow);
+            counted_slow = slow;
+        }
         tokio::select! {
             _ = tick.tick() => {
                 if last_heard.elapsed() > gate.heartbeat * 3 {
@@ -370,5 +378,8 @@ async fn control_loop(control: MuxStream, agent: &Arc<AgentSession>, gate: &Agen
         }
     };
     reader.abort();
+    if counted_slow {
+        metrics.slow_link(&agent.cluster, false);
+    }
     why
 }

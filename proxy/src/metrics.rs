@@ -57,6 +57,7 @@ struct GatewayChildren {
 pub struct Metrics {
     registry: Registry,
     agents_connected: Family<Labels, Gauge>,
+    slow_links: Family<Labels, Gauge>,
     session_transitions: Family<Labels, Counter>,
     stream_opens: Family<Labels, Counter>,
     streams_open: Gauge,
@@ -91,6 +92,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("tether");
         let m = Metrics {
             agents_connected: Family::default(),
+            slow_links: Family::default(),
             session_transitions: Family::default(),
             stream_opens: Family::default(),
             streams_open: Gauge::default(),
@@ -115,6 +117,11 @@ impl Metrics {
             "agents_connected",
             "Agent sessions connected, per cluster and transport (tls+yamux, quic)",
             m.agents_connected.clone(),
+        );
+        registry.register(
+            "agent_sessions_slow_link",
+            "Agent sessions whose link either end finds slow (batches of frames take over 20 ms to leave; tls+tether only), per cluster",
+            m.slow_links.clone(),
         );
         registry.register(
             "session_transitions",
@@ -193,6 +200,8 @@ impl Metrics {
         self.agents_connected
             .get_or_create(&cluster_transport(cluster, transport))
             .inc();
+        // The cluster's slow-link series exists, at 0, from its first session on.
+        let _ = self.slow_links.get_or_create(&label("cluster", cluster));
         self.session_transitions
             .get_or_create(&vec![
                 ("cluster".into(), cluster.into()),
@@ -211,6 +220,16 @@ impl Metrics {
                 ("state".into(), "down".into()),
             ])
             .inc();
+    }
+
+    /// A session of `cluster` found its link slow (`slow`), or fast again.
+    pub fn slow_link(&self, cluster: &str, slow: bool) {
+        let gauge = self.slow_links.get_or_create(&label("cluster", cluster));
+        if slow {
+            gauge.inc();
+        } else {
+            gauge.dec();
+        }
     }
 
     /// Counts a stream open attempt by result (`ok`, `no_agent`, `rejected`, ...).

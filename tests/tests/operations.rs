@@ -900,6 +900,15 @@ async fn metrics_parse_and_reflect_a_connect_a_stream_and_a_disconnect() {
     assert!(m
         .iter()
         .any(|s| s.name == "tether_caller_auth_failures_total" && s.value >= 1.0));
+    // Loopback is no slow link: the cluster's series is there, at 0.
+    assert_eq!(
+        metric(
+            &m,
+            "tether_agent_sessions_slow_link",
+            &[("cluster", "local")]
+        ),
+        0.0
+    );
     drop(tunnel);
 
     // Disconnect.

@@ -215,6 +215,11 @@ async fn every_transport_over_a_lossy_link_bulk_and_request_response_at_once() {
         "the proxy never showed the slow link: {:?}\n{report}",
         tether_cubic.slow_link
     );
+    assert!(
+        tether_cubic.slow_link_metric.iter().any(|&s| s),
+        "the proxy's metrics never counted the slow link: {:?}\n{report}",
+        tether_cubic.slow_link_metric
+    );
 }
 
 /// A userspace link between two network namespaces, and a proxy and an agent on each side.
@@ -471,6 +476,9 @@ mod lossy {
         pub round_trips: Vec<Duration>,
         /// The proxy's `slowLink` for the cluster, sampled once a second.
         pub slow_link: Vec<bool>,
+        /// Whether the proxy's metrics counted the session as on a slow link, sampled with
+        /// `slow_link`.
+        pub slow_link_metric: Vec<bool>,
     }
 
     /// The rows as a Markdown table.
@@ -716,9 +724,10 @@ mod lossy {
             }
             round_trips
         };
-        // What the proxy's status says of the link, once a second.
+        // What the proxy's status and metrics say of the link, once a second.
         let status_side = async {
             let mut seen = Vec::new();
+            let mut counted = Vec::new();
             while tokio::time::Instant::now() + Duration::from_secs(1) < deadline {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let ns = link.proxy_ns.clone();
@@ -733,10 +742,18 @@ mod lossy {
                         .map(|a| a["slowLink"] == true);
                     seen.extend(slow);
                 }
+                let ns = link.proxy_ns.clone();
+                let got = tokio::task::spawn_blocking(move || admin_get(&ns, "/metrics"))
+                    .await
+                    .expect("metrics sampler");
+                if let Some((200, body)) = got {
+                    counted.push(body.contains("tether_agent_sessions_slow_link{cluster=\"a\"} 1"));
+                }
             }
-            seen
+            (seen, counted)
         };
-        let (bulk_bytes, round_trips, slow_link) = tokio::join!(bulk_side, rr_side, status_side);
+        let (bulk_bytes, round_trips, (slow_link, slow_link_metric)) =
+            tokio::join!(bulk_side, rr_side, status_side);
         up_task.abort();
         drop((agent, proxy));
         Ok(Row {
@@ -748,6 +765,7 @@ mod lossy {
             bulk_bytes,
             round_trips,
             slow_link,
+            slow_link_metric,
         })
     }
 }
