@@ -731,10 +731,15 @@ mod lossy {
             while tokio::time::Instant::now() + Duration::from_secs(1) < deadline {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let ns = link.proxy_ns.clone();
-                let got = tokio::task::spawn_blocking(move || admin_get(&ns, "/api/v1/clusters"))
-                    .await
-                    .expect("status sampler");
-                if let Some((200, body)) = got {
+                let (status, metrics) = tokio::task::spawn_blocking(move || {
+                    (
+                        admin_get(&ns, "/api/v1/clusters"),
+                        admin_get(&ns, "/metrics"),
+                    )
+                })
+                .await
+                .expect("status sampler");
+                if let Some((200, body)) = status {
                     let clusters: serde_json::Value = serde_json::from_str(&body).expect("JSON");
                     let slow = clusters
                         .as_array()
@@ -742,11 +747,7 @@ mod lossy {
                         .map(|a| a["slowLink"] == true);
                     seen.extend(slow);
                 }
-                let ns = link.proxy_ns.clone();
-                let got = tokio::task::spawn_blocking(move || admin_get(&ns, "/metrics"))
-                    .await
-                    .expect("metrics sampler");
-                if let Some((200, body)) = got {
+                if let Some((200, body)) = metrics {
                     counted.push(body.contains("tether_agent_sessions_slow_link{cluster=\"a\"} 1"));
                 }
             }

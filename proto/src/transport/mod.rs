@@ -115,7 +115,8 @@ pub(crate) trait DirectOpen: Send + Sync {
 }
 
 /// Called by a multiplexer, with the connection `T` under it, when it finds the link slow
-/// (`true`: a batch of frames takes long to hand over) or fast again (`false`). The TLS
+/// (`true`: batches of frames take long to hand over while the connection pushes back) or
+/// fast again (`false`). The TLS
 /// transport keeps less unsent in the kernel and in rustls on a slow link
 /// ([`tls::SLOW_UNSENT_LOWAT`], [`tls::SLOW_TLS_BUFFER`]), so that what a multiplexer sends
 /// ahead (tether's urgent frames) waits behind less of what it sent before.

@@ -56,9 +56,8 @@
 //! halves, down to [`MIN_OUTBOX`], each time one takes longer than [`SLOW_DRAIN`] with the
 //! connection pushing back (doubling back when draining is quick again; a batch that was
 //! slow only because the driver's thread was busy does not count): on a slow or lossy link a
-//! small message, which goes
-//! ahead of queued bulk in the urgent lane, then waits for at most the small batch being
-//! sent, not half a megabyte at the link's rate. Idle sessions give their read and write
+//! small message, which goes ahead of queued bulk in the urgent lane, then waits for at most
+//! the small batch being sent, not half a megabyte at the link's rate. Idle sessions give their read and write
 //! buffers back.
 
 use std::collections::{HashMap, VecDeque};
@@ -203,7 +202,6 @@ where
         yielded: false,
         write_blocked: false,
         on_slow_link,
-        slow_link: false,
     };
     tokio::spawn(driver.run());
     session
@@ -252,30 +250,12 @@ impl DirectOpen for Conn {
     }
 }
 
-/// How the connection took a batch of frames: what [`next_outbox_limit`] goes by.
-#[derive(Debug, Clone, Copy)]
-struct Handover {
-    /// Bytes in the batch.
-    bytes: usize,
-    /// From the take to the last byte handed over.
-    took: Duration,
-    /// The connection made the driver wait (a write or flush was pending) at least once: the
-    /// link, not the host, set the pace. A batch that took long with no wait only says the
-    /// driver's thread was busy or descheduled (a saturated host), which a smaller outbox
-    /// would not help.
-    pushed_back: bool,
-}
-
-/// The outbox limit after a batch was handed to the connection, from `limit`. Only a batch
-/// of at least half the limit that the connection pushed back on counts as slow (a few frames
-/// can wait for a moment without the link being slow, and a driver kept off the CPU is not a
-/// slow link); any quick one counts as quick.
-fn next_outbox_limit(limit: usize, batch: Handover) -> usize {
-    let Handover {
-        bytes,
-        took,
-        pushed_back,
-    } = batch;
+/// The outbox limit after a batch of `bytes` took `took` to hand to the connection, from
+/// `limit`. Only a batch of at least half the limit that the connection `pushed_back` on
+/// counts as slow (a few frames can wait for a moment without the link being slow, and a
+/// driver kept off the CPU is not a slow link: see [`Batch::pushed_back`]); any quick one
+/// counts as quick.
+fn next_outbox_limit(limit: usize, bytes: usize, took: Duration, pushed_back: bool) -> usize {
     if took > SLOW_DRAIN && bytes >= limit / 2 && pushed_back {
         (limit / 2).max(MIN_OUTBOX)
     } else if took < QUICK_DRAIN && bytes >= limit / 2 {
@@ -996,16 +976,21 @@ struct Driver<T> {
     /// The connection did not take everything written to it (the peer is not reading, or
     /// not fast enough).
     write_blocked: bool,
-    /// Told when `slow_link` changes.
+    /// Told when the link turns slow (the outbox limit falls to [`SLOW_LINK_OUTBOX`]) or
+    /// fast again; the session's handle is told through `parts.slow_link`.
     on_slow_link: Option<SlowLinkHook<T>>,
-    /// The outbox limit is at most [`SLOW_LINK_OUTBOX`].
-    slow_link: bool,
 }
 
-/// A batch of frames being handed to the connection (see [`Handover`]).
+/// A batch of frames being handed to the connection: how it goes sets the outbox limit
+/// ([`next_outbox_limit`]).
 struct Batch {
+    /// When it was taken from the outbox.
     since: Instant,
     bytes: usize,
+    /// The connection made the driver wait (a write or flush was pending) at least once: the
+    /// link, not the host, set the pace. A batch that took long with no wait only says the
+    /// driver's thread was busy or descheduled (a saturated host), which a smaller outbox
+    /// would not help.
     pushed_back: bool,
 }
 
@@ -1408,15 +1393,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
             return Refill::Defer;
         }
         // The batch just sent is done: how long it took says how fast the connection drains.
-        if let Some(batch) = self.batch.take() {
-            let handover = Handover {
-                bytes: batch.bytes,
-                took: batch.since.elapsed(),
-                pushed_back: batch.pushed_back,
-            };
-            out.limit = next_outbox_limit(out.limit, handover);
+        if let Some(b) = self.batch.take() {
+            out.limit = next_outbox_limit(out.limit, b.bytes, b.since.elapsed(), b.pushed_back);
         }
-        let pace_changed = (out.limit <= SLOW_LINK_OUTBOX) != self.slow_link;
+        let slow_link = out.limit <= SLOW_LINK_OUTBOX;
+        let pace_changed = slow_link != self.parts.slow_link.load(Ordering::Relaxed);
         out.take_frames(&mut self.sending);
         if !self.sending.is_empty() {
             self.batch = Some(Batch {
@@ -1449,12 +1430,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         }
         drop(out);
         if pace_changed {
-            self.slow_link = !self.slow_link;
-            self.parts
-                .slow_link
-                .store(self.slow_link, Ordering::Relaxed);
+            self.parts.slow_link.store(slow_link, Ordering::Relaxed);
             if let Some(hook) = &mut self.on_slow_link {
-                hook(&mut self.io, self.slow_link);
+                hook(&mut self.io, slow_link);
             }
         }
         if empty && self.sending.bytes.capacity() > IDLE_KEEP {
@@ -2016,49 +1994,38 @@ mod tests {
 
     #[test]
     fn the_outbox_shrinks_while_batches_drain_slowly_and_grows_back() {
-        let batch = |bytes, took, pushed_back| Handover {
-            bytes,
-            took,
-            pushed_back,
-        };
         let slow = SLOW_DRAIN + Duration::from_millis(1);
         let quick = Duration::ZERO;
         let mut limit = OUTBOX_LIMIT;
         let mut seen = vec![limit];
         while limit > MIN_OUTBOX {
-            limit = next_outbox_limit(limit, batch(limit, slow, true));
+            limit = next_outbox_limit(limit, limit, slow, true);
             seen.push(limit);
         }
         assert_eq!(seen, [512, 256, 128, 64, 32, 16].map(|k| k * 1024));
-        assert_eq!(
-            next_outbox_limit(limit, batch(limit, slow, true)),
-            MIN_OUTBOX
-        );
+        assert_eq!(next_outbox_limit(limit, limit, slow, true), MIN_OUTBOX);
         // A few frames that waited a while say nothing about the link.
         assert_eq!(
-            next_outbox_limit(OUTBOX_LIMIT, batch(1024, slow, true)),
+            next_outbox_limit(OUTBOX_LIMIT, 1024, slow, true),
             OUTBOX_LIMIT
         );
         // Nor does a batch the connection took without ever making the driver wait: the
         // driver was kept off the CPU, the link was not slow.
         assert_eq!(
-            next_outbox_limit(OUTBOX_LIMIT, batch(OUTBOX_LIMIT, slow, false)),
+            next_outbox_limit(OUTBOX_LIMIT, OUTBOX_LIMIT, slow, false),
             OUTBOX_LIMIT
         );
         // Neither slow nor quick: unchanged.
         let middling = Duration::from_millis(10);
         assert_eq!(
-            next_outbox_limit(128 * 1024, batch(128 * 1024, middling, true)),
+            next_outbox_limit(128 * 1024, 128 * 1024, middling, true),
             128 * 1024
         );
         while limit < OUTBOX_LIMIT {
-            limit = next_outbox_limit(limit, batch(limit, quick, true));
+            limit = next_outbox_limit(limit, limit, quick, true);
         }
         assert_eq!(limit, OUTBOX_LIMIT);
-        assert_eq!(
-            next_outbox_limit(limit, batch(limit, quick, false)),
-            OUTBOX_LIMIT
-        );
+        assert_eq!(next_outbox_limit(limit, limit, quick, false), OUTBOX_LIMIT);
     }
 
     /// Batches that take long only because the driver's thread is kept busy are not a slow
