@@ -18,7 +18,8 @@
 //! Tunnel runs go through the proxy's `--expose` listener (the peers' topology); bulk and RTT
 //! also through TLS + `CONNECT` on the front. The peer tunnels found installed (rathole with
 //! and without TLS, `ssh -R`, ferrotunnel) run the bulk, rtt, connect and http cases right
-//! after tether, and set tether's targets (`peers.rs`). The results are printed as a table,
+//! after tether, and set tether's targets (`peers.rs`); rathole-TLS also runs inside the
+//! gateway case, in rounds interleaved with the gateway, as its yardstick. The results are printed as a table,
 //! with the targets of DESIGN.md, and written as JSON.
 
 mod bulk;
@@ -364,7 +365,7 @@ async fn run(cli: Cli) -> Result<bool> {
             Case::Connect => case_connect(&ctx).await,
             Case::Bulk => case_bulk(&ctx).await,
             Case::Http => case_http(&ctx).await,
-            Case::Gateway => case_gateway(&ctx).await,
+            Case::Gateway => case_gateway(&ctx, peers::gateway_yardstick(&peers)).await,
             Case::Scale => scale::case(&ctx.scale, &ctx.profile, ctx.nofile).await,
         };
         let result = result.and_then(|r| ctx.tunnel.check_alive().map(|()| r));
@@ -739,17 +740,129 @@ async fn case_http(ctx: &Ctx) -> CaseResult {
     .await
 }
 
+/// Rounds of the kube gateway's 1 KiB run, each next to HTTPS direct and (when it runs)
+/// rathole-TLS at L4, its yardstick.
+const GATEWAY_ROUNDS: usize = 3;
+
 /// Through the kube gateway against HTTPS direct. Held, like an L4 tunnel, to 1.0x the best
-/// encrypted peer's share (of HTTP for 1 KiB, of bulk for 1 MiB).
-async fn case_gateway(ctx: &Ctx) -> CaseResult {
-    http_case(
+/// encrypted peer's share (of HTTP for 1 KiB, of bulk for 1 MiB); with peers, to rathole-TLS's
+/// plain-L4 rate for 1 KiB (`peers::apply_targets`). The 1 KiB runs go in rounds that
+/// interleave direct, the gateway and `yardstick` (rathole-TLS), each reporting its median
+/// round, so that the host's speed drifting during the run hits them alike.
+async fn case_gateway(ctx: &Ctx, yardstick: Option<&peers::Peer>) -> CaseResult {
+    let p = &ctx.profile;
+    let dur = Duration::from_secs_f64(p.http_secs / GATEWAY_ROUNDS as f64);
+    let object = http::OBJECT_1K;
+    let mut direct = Vec::new();
+    let mut gateway = Vec::new();
+    let mut l4 = Vec::new();
+    let mut l4_failed = false;
+    for round in 0..GATEWAY_ROUNDS {
+        let d = http::run(&ctx.direct_tls, object, p.http_conns, dur).await?;
+        let (t, usage) = ctx
+            .usage(http::run(&ctx.gateway, object, p.http_conns, dur))
+            .await?;
+        let mut line = format!(
+            "   1 KiB, round {}: direct {:.0}, gateway {:.0}",
+            round + 1,
+            d.req_per_s,
+            t.req_per_s
+        );
+        if let Some(y) = yardstick.filter(|_| !l4_failed) {
+            match y.http_rate(object, p.http_conns, dur).await {
+                Ok((r, usage)) => {
+                    line += &format!(", {} at L4 {:.0}", y.kind.name(), r.req_per_s);
+                    l4.push((r, usage));
+                }
+                Err(e) => {
+                    eprintln!("   {} at L4 failed: {e:#}", y.kind.name());
+                    l4_failed = true;
+                }
+            }
+        }
+        eprintln!("{line} req/s");
+        if t.errors > 0 || d.errors > 0 {
+            eprintln!(
+                "   gateway errors: direct {}, gateway {}",
+                d.errors, t.errors
+            );
+        }
+        direct.push(d);
+        gateway.push((t, usage));
+    }
+    let d = median_by(&direct, |h| h.req_per_s);
+    let (t, usage) = median_by(&gateway, |(h, _)| h.req_per_s);
+    let mut rows = rows_1k("kube gateway", ctx.gateway.name(), d, t, *usage, PEER_HTTP);
+    if let (Some(y), false) = (yardstick, l4_failed || l4.is_empty()) {
+        let (r, usage) = median_by(&l4, |(h, _)| h.req_per_s);
+        rows.push(
+            Row::new(
+                format!("kube gateway GET 1 KiB, {} conns, rate", p.http_conns),
+                y.kind.name(),
+                "req/s",
+                None,
+                r.req_per_s,
+                Compare::Ratio,
+                None,
+            )
+            .with_usage(*usage),
+        );
+    }
+    let (r, [d1m, t1m]) = http::rows_1m(
         ctx,
         "kube gateway",
-        (&ctx.direct_tls, &ctx.gateway),
-        PEER_HTTP,
+        &ctx.direct_tls,
+        &ctx.gateway,
         PEER_BULK,
     )
-    .await
+    .await?;
+    rows.extend(r);
+    let details = json!({
+        "rounds1k": {
+            "direct": direct,
+            "gateway": gateway.iter().map(|(h, _)| h).collect::<Vec<_>>(),
+            "yardstickL4": l4.iter().map(|(h, _)| h).collect::<Vec<_>>(),
+        },
+        "direct1m": d1m,
+        "gateway1m": t1m,
+    });
+    Ok((rows, details))
+}
+
+/// The rows of a 1 KiB run `t` of `name` next to `direct`: rate (held to `target` percent of
+/// direct, with the CPU used, `usage`), p50 and p99.
+fn rows_1k(
+    label: &str,
+    name: &'static str,
+    direct: &http::Http,
+    t: &http::Http,
+    usage: Option<Usage>,
+    target: f64,
+) -> Vec<Row> {
+    let c = direct.connections;
+    let (d, l) = (&direct.latency, &t.latency);
+    let mut rows = vec![Row::new(
+        format!("{label} GET 1 KiB, {c} conns, rate"),
+        name,
+        "req/s",
+        Some(direct.req_per_s),
+        t.req_per_s,
+        Compare::Ratio,
+        Some(Target::RatioAtLeast(target)),
+    )
+    .with_usage(usage)];
+    for (q, dv, tv) in [("p50", d.p50_us, l.p50_us), ("p99", d.p99_us, l.p99_us)] {
+        rows.push(Row::new(
+            format!("{label} GET 1 KiB, {c} conns, {q}"),
+            name,
+            "us",
+            Some(dv),
+            tv,
+            Compare::Added,
+            None,
+        ));
+    }
+    rows
 }
 
 /// GETs of the 1 KiB object (rate held to `target_1k` percent of direct, p50, p99) and of the
@@ -767,37 +880,16 @@ async fn http_case(
     let (t, usage) = ctx
         .usage(http::run(tunnel, http::OBJECT_1K, p.http_conns, dur))
         .await?;
-    let (c, name) = (p.http_conns, tunnel.name());
-    let (d, l) = (&direct.latency, &t.latency);
-    let mut rows = vec![Row::new(
-        format!("{label} GET 1 KiB, {c} conns, rate"),
-        name,
-        "req/s",
-        Some(direct.req_per_s),
-        t.req_per_s,
-        Compare::Ratio,
-        Some(Target::RatioAtLeast(target_1k)),
-    )
-    .with_usage(usage)];
-    for (q, dv, tv) in [("p50", d.p50_us, l.p50_us), ("p99", d.p99_us, l.p99_us)] {
-        rows.push(Row::new(
-            format!("{label} GET 1 KiB, {c} conns, {q}"),
-            name,
-            "us",
-            Some(dv),
-            tv,
-            Compare::Added,
-            None,
-        ));
-    }
     if t.errors > 0 || direct.errors > 0 {
         eprintln!(
-            "   {label} errors: {} {}, {name} {}",
+            "   {label} errors: {} {}, {} {}",
             direct_route.name(),
             direct.errors,
+            tunnel.name(),
             t.errors
         );
     }
+    let mut rows = rows_1k(label, tunnel.name(), &direct, &t, usage, target_1k);
     let (r, [d1m, t1m]) = http::rows_1m(ctx, label, direct_route, tunnel, target_1m).await?;
     rows.extend(r);
     Ok((rows, serde_json::to_value([direct, t, d1m, t1m])?))
