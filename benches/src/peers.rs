@@ -922,9 +922,6 @@ fn direct_of(rows: &[Row], case: &str) -> Option<f64> {
         .and_then(|r| r.direct)
 }
 
-/// Runs `case` through every running peer, after tether's run of it, and returns the peer rows
-/// (route = peer name, no target; usage = the peer's server as "proxy", its client as
-/// "agent"). `rows` holds tether's rows so far: the direct figures come from them.
 /// rathole-TLS, when it runs: the kube gateway's yardstick. The gateway case measures its
 /// plain-L4 rate in rounds interleaved with the gateway's own, so that the host speeding up
 /// or slowing down between cases does not move the ratio.
@@ -948,6 +945,9 @@ impl Peer {
     }
 }
 
+/// Runs `case` through every running peer, after tether's run of it, and returns the peer rows
+/// (route = peer name, no target; usage = the peer's server as "proxy", its client as
+/// "agent"). `rows` holds tether's rows so far: the direct figures come from them.
 pub async fn run_case(case: Case, ctx: &Ctx, peers: &mut Peers, rows: &[Row]) -> (Vec<Row>, Value) {
     if peers.running.is_empty()
         || !matches!(case, Case::Bulk | Case::Rtt | Case::Connect | Case::Http)
