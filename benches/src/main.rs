@@ -19,8 +19,8 @@
 //! also through TLS + `CONNECT` on the front. The peer tunnels found installed (rathole with
 //! and without TLS, `ssh -R`, ferrotunnel) run the bulk, rtt, connect and http cases right
 //! after tether, and set tether's targets (`peers.rs`); rathole-TLS also runs inside the
-//! gateway case, in rounds interleaved with the gateway, as its yardstick. The results are printed as a table,
-//! with the targets of DESIGN.md, and written as JSON.
+//! gateway case, in rounds interleaved with the gateway, as its yardstick. The results are
+//! printed as a table, with the targets of DESIGN.md, and written as JSON.
 
 mod bulk;
 mod connect;

@@ -116,10 +116,9 @@ pub(crate) trait DirectOpen: Send + Sync {
 
 /// Called by a multiplexer, with the connection `T` under it, when it finds the link slow
 /// (`true`: batches of frames take long to hand over while the connection pushes back) or
-/// fast again (`false`). The TLS
-/// transport keeps less unsent in the kernel and in rustls on a slow link
-/// ([`tls::SLOW_UNSENT_LOWAT`], [`tls::SLOW_TLS_BUFFER`]), so that what a multiplexer sends
-/// ahead (tether's urgent frames) waits behind less of what it sent before.
+/// fast again (`false`). The TLS transport keeps less unsent in the kernel and in rustls on a
+/// slow link ([`tls::SLOW_UNSENT_LOWAT`], [`tls::SLOW_TLS_BUFFER`]), so that what a
+/// multiplexer sends ahead (tether's urgent frames) waits behind less of what it sent before.
 pub(crate) type SlowLinkHook<T> = Box<dyn FnMut(&mut T, bool) + Send>;
 
 /// A request from a handle to the driver to open an outbound stream.

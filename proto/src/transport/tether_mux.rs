@@ -57,8 +57,8 @@
 //! connection pushing back (doubling back when draining is quick again; a batch that was
 //! slow only because the driver's thread was busy does not count): on a slow or lossy link a
 //! small message, which goes ahead of queued bulk in the urgent lane, then waits for at most
-//! the small batch being sent, not half a megabyte at the link's rate. Idle sessions give their read and write
-//! buffers back.
+//! the small batch being sent, not half a megabyte at the link's rate. Idle sessions give
+//! their read and write buffers back.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
